@@ -1,0 +1,27 @@
+# `make test` and `make demo` do all set-up themselves on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements-installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+# torch first and alone, so that nothing else can pull in a different (CUDA) build
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$$(grep -E '^torch==' requirements.txt)"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# pytest exits non-zero when no test ran, so an empty run is never green
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	./run.sh small
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,425 @@
+"""GPT-2 in one file: the language model, the scalar-head ScoreModel (reward and value), KV-cache
+generation, and import/export of OpenAI's GPT-2 weights through Hugging Face `transformers`.
+
+Parameter names follow nanoGPT and map 1:1 to `GPT2LMHeadModel` (its four Conv1D weights are
+transposed). A library: no side effects, never imports a stage script.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+EOS_ID = 50256          # <|endoftext|>
+PAD_ID = 50257          # first padded vocab slot: a valid embedding row, never a target, never sampled
+TOKENIZER_VOCAB = 50257  # ids >= this are padding of the embedding table and get logit -inf
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # max sequence length (positions)
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for fast matmuls
+    n_layer: int = 12        # transformer blocks
+    n_head: int = 12         # attention heads
+    n_embd: int = 768        # embedding width
+    dropout: float = 0.0     # 0 for pretraining at this scale and always 0 in RLHF
+    bias: bool = True        # biases in Linear and LayerNorm, as GPT-2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+MODEL_PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64),             # tests: seconds on a CPU
+    "small": dict(n_layer=4, n_head=4, n_embd=128),           # CPU demo: learns the generated world in minutes
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),          # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),   # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),      # 1558M
+}
+
+
+def model_config(preset: str, **overrides) -> GPTConfig:
+    if preset not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+    return GPTConfig(**{**MODEL_PRESETS[preset], **overrides})
+
+
+# -----------------------------------------------------------------------------
+# attention masks and positions for padded batches
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask → (B, T) positions counting real tokens only, so that a left-padded row
+    sees the same positions as the row alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Boolean (B, 1, Tq, past+Tq) mask: causal, real keys only. Every query also sees itself so
+    that a padding query has one key to attend to (its output is unused but must stay finite)."""
+    B, L = attention_mask.shape
+    Tq = L - past
+    q_idx = torch.arange(past, L, device=attention_mask.device)[:, None]  # (Tq, 1)
+    k_idx = torch.arange(L, device=attention_mask.device)[None, :]        # (1, L)
+    causal = k_idx <= q_idx                                                # (Tq, L)
+    mask = causal[None] & attention_mask.bool()[:, None, :]               # (B, Tq, L)
+    mask = mask | (k_idx == q_idx)[None]
+    return mask[:, None]                                                  # (B, 1, Tq, L)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: each decoding step writes one slot in place
+    instead of concatenating the whole cache."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        hd = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.len = 0  # slots filled in every layer
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write (B, H, T, hd) at the current end; return views of everything filled so far."""
+        start, end = self.len, self.len + k.size(2)
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -----------------------------------------------------------------------------
+# the transformer
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                             # (B, nh, L, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:  # unpadded and uncached: the flash kernel's is_causal path
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        # padding slots of the vocabulary are not tokens: -inf logits keep them out of every softmax
+        vocab_bias = torch.zeros(config.vocab_size)
+        vocab_bias[TOKENIZER_VOCAB:] = float("-inf")
+        self.register_buffer("vocab_bias", vocab_bias, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def hidden_states(self, idx, attention_mask=None, cache: KVCache | None = None, positions=None):
+        """Final-layer-norm output (B, T, C). With a cache, idx holds only the new tokens and
+        attention_mask covers everything so far (cached + new)."""
+        B, T = idx.size()
+        past = cache.len if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
+        if attention_mask is None:
+            attn_mask = None if past == 0 else torch.ones(B, 1, T, past + T, dtype=torch.bool, device=idx.device)
+            if positions is None:
+                positions = torch.arange(past, past + T, device=idx.device)[None]  # (1, T)
+        else:
+            attn_mask = causal_padding_mask(attention_mask, past)                  # (B, 1, T, L)
+            if positions is None:
+                positions = positions_from_mask(attention_mask)[:, past:]          # (B, T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, attention_mask=None):
+        """idx (B, T) → logits (B, T, vocab_size) and the mean cross-entropy over targets != -1."""
+        x = self.hidden_states(idx, attention_mask)
+        logits = self.lm_head(x) + self.vocab_bias                               # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    # --- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask=None, max_new_tokens: int = 64, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = EOS_ID,
+                 min_new_tokens: int = 0, generator: torch.Generator | None = None, pad_id: int = PAD_ID):
+        """Sample continuations of a batch of left-padded prompts with a preallocated KV cache.
+
+        temperature 0 is greedy. Returns (tokens, logprobs, mask), each (B, N) with N <= max_new_tokens:
+        the new tokens (pad_id after a row's EOS), their log-probs under the distribution they were
+        drawn from (temperature, top-k and top-p applied; greedy reports temperature 1), and a 0/1 mask
+        of real tokens (the EOS included)."""
+        B, T0 = idx.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx)
+        if attention_mask[:, -1].min() == 0:
+            raise ValueError("generate expects left-padded prompts (the last column must be real tokens)")
+        max_new_tokens = min(max_new_tokens, self.config.block_size - T0)
+        param = next(self.parameters())
+        cache_dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+        cache = KVCache(self.config, B, T0 + max_new_tokens, idx.device, cache_dtype)
+        mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, max_new_tokens).long()], dim=1)
+        next_pos = positions_from_mask(attention_mask)[:, -1:] + 1                # (B, 1)
+        x = self.hidden_states(idx, mask[:, :T0], cache)[:, -1]                   # (B, C)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out_tokens, out_logprobs, out_mask = [], [], []
+        for t in range(max_new_tokens):
+            logits = (self.lm_head(x) + self.vocab_bias).float()                  # (B, V)
+            if eos_id is not None and t < min_new_tokens:
+                logits[:, eos_id] = float("-inf")
+            logp = sampling_logprobs(logits, temperature, top_k, top_p)           # (B, V)
+            if temperature == 0:
+                tok = logits.argmax(-1)
+            else:
+                tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out_tokens.append(tok)
+            out_logprobs.append(torch.where(done, torch.zeros_like(tok_logp), tok_logp))
+            out_mask.append((~done).long())
+            if eos_id is not None:
+                done = done | (tok == eos_id)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            mask[:, T0 + t] = 1
+            x = self.hidden_states(tok[:, None], mask[:, :T0 + t + 1], cache, positions=next_pos)[:, -1]
+            next_pos = next_pos + 1
+        return torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_mask, 1)
+
+    # --- optimizer and FLOPs ---------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
+                             device_type: str = "cpu", eps: float = 1e-8):
+        """AdamW with decay on 2-D weights only (matmuls, embeddings), fused on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), eps=eps,
+                                 **({"fused": True} if fused else {}))
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N plus attention 12 * L * C * T (PaLM appendix B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+
+    # --- OpenAI GPT-2 weights through transformers -------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **overrides) -> "GPT":
+        """OpenAI GPT-2 weights from a hub name (`gpt2`, `gpt2-medium`, ...) or a local HF directory."""
+        from transformers import GPT2LMHeadModel
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hc = hf.config
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=max(50304, hc.vocab_size), n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, **overrides)
+        model = cls(config)
+        load_hf_state_dict(model, hf.state_dict())
+        return model
+
+    def export_hf(self, out_dir: str):
+        """Write this model as a `GPT2LMHeadModel` directory (config.json + weights), real vocab only."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = self.config
+        hc = GPT2Config(vocab_size=TOKENIZER_VOCAB, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+                        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                        bos_token_id=EOS_ID, eos_token_id=EOS_ID)
+        hf = GPT2LMHeadModel(hc)
+        hf.load_state_dict(to_hf_state_dict(self), strict=False)
+        hf.tie_weights()
+        hf.save_pretrained(out_dir)
+
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_state_dict(model: GPT, hf_sd: dict):
+    """Copy a GPT2LMHeadModel state dict into our model (Conv1D weights transposed, vocab padded)."""
+    sd = model.state_dict()
+    for k, v in hf_sd.items():
+        if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
+            continue  # causal-mask buffers; lm_head is tied to wte
+        if k not in sd:
+            raise KeyError(f"unexpected GPT-2 weight {k}")
+        if k.endswith(_CONV1D):
+            v = v.t()
+        with torch.no_grad():
+            if k == "transformer.wte.weight":
+                sd[k].zero_()
+                sd[k][: v.size(0)].copy_(v)
+            else:
+                sd[k].copy_(v)
+
+
+def to_hf_state_dict(model: GPT) -> dict:
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" or not k.startswith("transformer."):
+            continue
+        v = v.detach().cpu()
+        if k.endswith(_CONV1D):
+            v = v.t()
+        if k == "transformer.wte.weight":
+            v = v[:TOKENIZER_VOCAB]
+        out[k] = v.contiguous().clone()
+    return out
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None) -> torch.Tensor:
+    """Log-probs (..., V) of the distribution tokens are sampled from. PPO recomputes training
+    log-probs with this same function so rollout and update agree exactly."""
+    logits = logits.float()
+    if temperature and temperature > 0:
+        logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return F.log_softmax(logits, dim=-1)
+
+
+# -----------------------------------------------------------------------------
+# scalar head: reward model and value model
+
+class ScoreModel(GPT):
+    """GPT trunk + Linear(n_embd, 1). reward = score at the last real token; value = score at every position."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__(config)
+        self.score_head = nn.Linear(config.n_embd, 1)
+        # std 1/sqrt(d+1) as in OpenAI's lm-human-preferences reward head
+        nn.init.normal_(self.score_head.weight, std=1.0 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.score_head.bias)
+
+    def forward(self, idx, attention_mask=None):
+        """Scores at every position (B, T)."""
+        return self.score_head(self.hidden_states(idx, attention_mask)).squeeze(-1)
+
+    def values(self, idx, attention_mask=None):
+        return self(idx, attention_mask)
+
+    def reward(self, idx, attention_mask=None):
+        """Score at the last real token of each row (B,), for left- or right-padded batches."""
+        scores = self(idx, attention_mask)                                        # (B, T)
+        if attention_mask is None:
+            return scores[:, -1]
+        return scores.gather(1, last_real_index(attention_mask)[:, None]).squeeze(1)
+
+    @classmethod
+    def from_lm_state(cls, config: GPTConfig, lm_state: dict) -> "ScoreModel":
+        """Trunk from a language model's weights; the head keeps its fresh init."""
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(lm_state, strict=False)
+        if unexpected or set(missing) - {"score_head.weight", "score_head.bias"}:
+            raise ValueError(f"LM weights do not fit: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the last 1 in each row of a 0/1 mask."""
+    T = attention_mask.size(1)
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, torch.zeros_like(idx)).max(dim=1).values
+
+
+def build_model(ckpt: dict, cls=None) -> nn.Module:
+    """A GPT or ScoreModel from a loaded checkpoint dict (its `model_config` and `model`)."""
+    config = GPTConfig.from_dict(ckpt["model_config"])
+    if cls is None:
+        cls = ScoreModel if "score_head.weight" in ckpt["model"] else GPT
+    model = cls(config)
+    model.load_state_dict(ckpt["model"])
+    return model

@@ -1,0 +1,28 @@
+"""Shared test setup: CPU only, offline, project root importable."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def tiny_config():
+    from model import GPTConfig
+    return GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64)
+
+
+def run_script(args, cwd=None, env=None, timeout=300):
+    """Run a project script in a fresh interpreter, as a user would; returns CompletedProcess."""
+    import subprocess
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,204 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (EOS_ID, GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, sampling_logprobs,
+                   to_hf_state_dict)
+
+
+def _hf_model(config: GPTConfig, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    hc = GPT2Config(vocab_size=TOKENIZER_VOCAB, n_positions=config.block_size, n_embd=config.n_embd,
+                    n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(hc).eval()
+
+
+def _ids(B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TOKENIZER_VOCAB, (B, T), generator=g)
+
+
+def test_logits_match_hugging_face(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    hf = _hf_model(tiny_config)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    assert not unexpected and all(k.endswith("lm_head.weight") or ".attn.bias" in k for k in missing)
+    hf.tie_weights()
+    idx = _ids(2, 40)
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    torch.testing.assert_close(ours[..., :TOKENIZER_VOCAB], theirs, atol=1e-4, rtol=0)
+    assert torch.isinf(ours[..., TOKENIZER_VOCAB:]).all()  # padded vocab can never be predicted
+
+
+def test_from_pretrained_local_dir_and_export_roundtrip(tiny_config, tmp_path):
+    hf = _hf_model(tiny_config, seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    model = GPT.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = _ids(2, 33, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0][..., :TOKENIZER_VOCAB], hf(idx).logits, atol=1e-4, rtol=0)
+    from transformers import GPT2LMHeadModel
+    model.export_hf(str(tmp_path / "exported"))
+    back = GPT2LMHeadModel.from_pretrained(str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, model(idx)[0][..., :TOKENIZER_VOCAB], atol=1e-4, rtol=0)
+
+
+def test_random_init_loss_near_uniform(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    idx, targets = _ids(4, 64, seed=0), _ids(4, 64, seed=1)
+    _, loss = model(idx, targets=targets)
+    # padded slots are excluded from the softmax, so uniform means ln(50257)
+    assert abs(loss.item() - math.log(TOKENIZER_VOCAB)) < 0.1
+
+
+def test_ignore_index_targets(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    idx = _ids(2, 16)
+    targets = idx.clone()
+    targets[:, :8] = -1
+    logits, loss = model(idx, targets=targets)
+    manual = F.cross_entropy(logits[:, 8:].reshape(-1, logits.size(-1)), idx[:, 8:].reshape(-1))
+    torch.testing.assert_close(loss, manual)
+
+
+def _left_pad(rows):
+    T = max(len(r) for r in rows)
+    idx = torch.full((len(rows), T), PAD_ID)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return idx, mask
+
+
+def test_left_padded_logits_equal_row_alone(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    rows = [_ids(1, 12, seed=2)[0].tolist(), _ids(1, 5, seed=3)[0].tolist()]
+    idx, mask = _left_pad(rows)
+    with torch.no_grad():
+        batched, _ = model(idx, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone, _ = model(torch.tensor([r]))
+            torch.testing.assert_close(batched[i, -len(r):, :TOKENIZER_VOCAB], alone[0, :, :TOKENIZER_VOCAB],
+                                       atol=1e-5, rtol=0)
+
+
+def _no_cache_greedy(model, prompt, n):
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([seq]))
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_greedy_cache_equals_no_cache_loop(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    prompt = _ids(1, 7, seed=4)[0].tolist()
+    tokens, logprobs, mask = model.generate(torch.tensor([prompt]), max_new_tokens=20, temperature=0, eos_id=None)
+    assert tokens[0].tolist() == _no_cache_greedy(model, prompt, 20)
+    assert mask.all()
+
+
+def test_batch_equals_rows_alone_and_logprobs_recompute(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    rows = [_ids(1, 9, seed=5)[0].tolist(), _ids(1, 3, seed=6)[0].tolist(), _ids(1, 6, seed=7)[0].tolist()]
+    idx, mask = _left_pad(rows)
+    for temperature in (0, 0.7):
+        # sampling: the same generator seed per row alone vs batched differs in draws, so compare
+        # batched vs alone only for greedy; sampled log-probs are checked by recomputation below
+        tokens, logprobs, out_mask = model.generate(idx, mask, max_new_tokens=12, temperature=temperature,
+                                                    eos_id=None, generator=torch.Generator().manual_seed(0))
+        if temperature == 0:
+            for i, r in enumerate(rows):
+                t1, l1, _ = model.generate(torch.tensor([r]), max_new_tokens=12, temperature=0, eos_id=None)
+                assert tokens[i].tolist() == t1[0].tolist()
+                torch.testing.assert_close(logprobs[i], l1[0], atol=1e-5, rtol=0)
+        # one forward over prompt + response recomputes the rollout log-probs
+        full = torch.cat([idx, tokens], 1)
+        full_mask = torch.cat([mask, out_mask], 1)
+        with torch.no_grad():
+            logits, _ = model(full, attention_mask=full_mask)
+        T0 = idx.size(1)
+        resp_logits = logits[:, T0 - 1:-1]
+        recomputed = sampling_logprobs(resp_logits, temperature).gather(-1, tokens[..., None]).squeeze(-1)
+        torch.testing.assert_close(recomputed, logprobs, atol=1e-4, rtol=0)
+
+
+def test_generate_eos_stop_min_tokens_and_filters(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    # a constant final hidden state aligned with EOS's embedding makes EOS the greedy choice everywhere
+    with torch.no_grad():
+        direction = torch.ones(tiny_config.n_embd) / tiny_config.n_embd ** 0.5
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[EOS_ID] = 10 * direction
+    prompt = torch.tensor([_ids(1, 4, seed=8)[0].tolist()])
+    tokens, logprobs, mask = model.generate(prompt, max_new_tokens=10, temperature=0)
+    assert tokens[0, 0].item() == EOS_ID and tokens.size(1) == 1 and mask[0, 0] == 1
+    tokens, _, mask = model.generate(prompt, max_new_tokens=10, temperature=0, min_new_tokens=3)
+    assert EOS_ID not in tokens[0, :3].tolist() and tokens[0, 3].item() == EOS_ID
+    # a row that stops early is padded, masked and has zero log-prob afterwards
+    idx, m = _left_pad([prompt[0].tolist(), _ids(1, 6, seed=9)[0].tolist()])
+    tokens, logprobs, mask = model.generate(idx, m, max_new_tokens=5, temperature=1.0, top_k=5,
+                                            generator=torch.Generator().manual_seed(1))
+    for row in range(2):
+        after = (tokens[row] == EOS_ID).nonzero()
+        if len(after):
+            j = after[0, 0].item()
+            assert (tokens[row, j + 1:] == PAD_ID).all() and (mask[row, j + 1:] == 0).all()
+            assert (logprobs[row, j + 1:] == 0).all()
+
+
+def test_sampling_logprobs_top_k_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    lp = sampling_logprobs(logits, 1.0, top_k=2)
+    assert torch.isinf(lp[0, 2:]).all() and torch.allclose(lp[0, :2].exp().sum(), torch.tensor(1.0))
+    probs = logits.softmax(-1)[0]  # 0.61, 0.22, 0.14, 0.03
+    lp = sampling_logprobs(logits, 1.0, top_p=0.7)  # needs the top two to reach 0.7
+    assert torch.isfinite(lp[0, :2]).all() and torch.isinf(lp[0, 2:]).all()
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    torch.testing.assert_close(sampling_logprobs(logits, 0.5), F.log_softmax(logits / 0.5, -1))
+
+
+def test_seeded_sampling_is_reproducible(tiny_config):
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    prompt = _ids(2, 5, seed=10)
+    a = model.generate(prompt, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0])
+
+
+def test_score_model_reward_at_last_real_token(tiny_config):
+    torch.manual_seed(0)
+    lm = GPT(tiny_config)
+    sm = ScoreModel.from_lm_state(tiny_config, lm.state_dict()).eval()
+    torch.testing.assert_close(sm.transformer.h[0].attn.c_attn.weight, lm.transformer.h[0].attn.c_attn.weight)
+    rows = [_ids(1, 10, seed=11)[0].tolist(), _ids(1, 4, seed=12)[0].tolist()]
+    left, lmask = _left_pad(rows)
+    right = torch.full_like(left, PAD_ID)
+    rmask = torch.zeros_like(lmask)
+    for i, r in enumerate(rows):
+        right[i, :len(r)] = torch.tensor(r)
+        rmask[i, :len(r)] = 1
+    with torch.no_grad():
+        r_left = sm.reward(left, lmask)
+        r_right = sm.reward(right, rmask)
+        alone = torch.stack([sm.reward(torch.tensor([r]))[0] for r in rows])
+        values = sm.values(torch.tensor([rows[0]]))
+    torch.testing.assert_close(r_left, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r_right, alone, atol=1e-5, rtol=0)
+    assert values.shape == (1, 10) and torch.allclose(values[0, -1], alone[0], atol=1e-5)
