@@ -209,13 +209,27 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, attention_mask=None):
-        """idx (B, T) → logits (B, T, vocab_size) and the mean cross-entropy over targets != -1."""
-        x = self.hidden_states(idx, attention_mask)
-        logits = self.lm_head(x) + self.vocab_bias                               # (B, T, V)
+    def forward(self, idx, targets=None, attention_mask=None, logits_at=None):
+        """idx (B, T) → logits and the mean cross-entropy over targets != -1.
+
+        The vocabulary projection dominates a small model's cost, so `logits_at` restricts it to the
+        positions that need it: None → all (B, T, V); a slice → (B, len, V) at those positions;
+        "targets" → (N, V) at the N positions whose target is not -1 (row-major order)."""
+        x = self.hidden_states(idx, attention_mask)                              # (B, T, C)
+        if logits_at is None:
+            logits = self.lm_head(x) + self.vocab_bias                           # (B, T, V)
+        elif isinstance(logits_at, slice):
+            logits = self.lm_head(x[:, logits_at]) + self.vocab_bias             # (B, len, V)
+            targets = targets[:, logits_at] if targets is not None else None
+        elif logits_at == "targets":
+            keep = targets != -1
+            logits = self.lm_head(x[keep]) + self.vocab_bias                     # (N, V)
+            targets = targets[keep]
+        else:
+            raise ValueError(f"logits_at must be None, a slice or 'targets', not {logits_at!r}")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
         return logits, loss
 

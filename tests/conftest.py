@@ -26,3 +26,17 @@ def run_script(args, cwd=None, env=None, timeout=300):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd or ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Session fixtures that several stages share (a pretrained small model, an SFT model, ...) live in
+# tests/fixtures_<stage>.py next to the stage that owns them; they are gathered here so pytest finds them.
+def _gather_fixture_modules():
+    import importlib
+    for path in sorted(Path(__file__).parent.glob("fixtures_*.py")):
+        module = importlib.import_module(path.stem)
+        for name, value in vars(module).items():
+            if hasattr(value, "_fixture_function_marker") or type(value).__name__ == "FixtureFunctionDefinition":
+                globals()[name] = value
+
+
+_gather_fixture_modules()

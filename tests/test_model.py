@@ -68,6 +68,14 @@ def test_ignore_index_targets(tiny_config):
     logits, loss = model(idx, targets=targets)
     manual = F.cross_entropy(logits[:, 8:].reshape(-1, logits.size(-1)), idx[:, 8:].reshape(-1))
     torch.testing.assert_close(loss, manual)
+    # logits only where they are needed: same loss, same values
+    sparse, sparse_loss = model(idx, targets=targets, logits_at="targets")
+    assert sparse.shape == (16, logits.size(-1))
+    torch.testing.assert_close(sparse_loss, manual)
+    torch.testing.assert_close(sparse, logits[:, 8:].reshape(-1, logits.size(-1)))
+    sliced, sliced_loss = model(idx, targets=targets, logits_at=slice(8, None))
+    torch.testing.assert_close(sliced, logits[:, 8:])
+    torch.testing.assert_close(sliced_loss, manual)
 
 
 def _left_pad(rows):
