@@ -98,7 +98,7 @@ def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | 
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a coherent set of defaults; explicit flags override it")
@@ -179,6 +179,14 @@ def gpu_peak_tflops(device_name: str) -> float | None:
         if key.lower() in device_name.lower():
             return GPU_PEAK_TFLOPS[key]
     return None
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilization in [0, 1]: one GPU's training FLOP/s (`GPT.flops_per_token` x that GPU's
+    tokens/s) over its peak; None when the peak is unknown (CPU, unlisted GPU)."""
+    if not peak_tflops:
+        return None
+    return flops_per_token * tokens_per_s / (peak_tflops * 1e12)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
