@@ -93,6 +93,44 @@ class KVCache:
 
 
 # -----------------------------------------------------------------------------
+# the loss
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (N, V) logits over the targets != -1, in fp32: F.cross_entropy's value
+    and gradient, with a leaner backward while training eagerly (torch.compile fuses its own)."""
+    if logits.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _CrossEntropy.apply(logits, targets)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """The backward turns the forward's own log-softmax buffer into the gradient in place (as llm.c's
+    fused classifier does), where F.cross_entropy allocates two more (N, V) tensors (the one-hot
+    gradient and the log-softmax gradient). On a CPU those fresh buffers are the expensive part:
+    every page of them is faulted in anew each step. A second backward through the same graph is
+    refused by autograd (the saved buffer was modified), never silently wrong."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logp = F.log_softmax(logits.float(), dim=-1)                              # (N, V)
+        keep = targets != -1
+        safe = torch.where(keep, targets, 0)[:, None]                             # (N, 1)
+        nll = -logp.gather(1, safe).squeeze(1)                                    # (N,)
+        count = keep.sum()
+        ctx.save_for_backward(logp, safe, keep, count)
+        ctx.logits_dtype = logits.dtype
+        return torch.where(keep, nll, 0.0).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        logp, safe, keep, count = ctx.saved_tensors
+        grad = logp.exp_()                                                        # softmax, in place
+        grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))   # minus the one-hot
+        grad.mul_((grad_loss / count * keep)[:, None])                            # ignored rows: 0
+        return grad.to(ctx.logits_dtype), None
+
+
+# -----------------------------------------------------------------------------
 # the transformer
 
 class CausalSelfAttention(nn.Module):
@@ -217,21 +255,30 @@ class GPT(nn.Module):
         "targets" → (N, V) at the N positions whose target is not -1 (row-major order)."""
         x = self.hidden_states(idx, attention_mask)                              # (B, T, C)
         if logits_at is None:
-            logits = self.lm_head(x) + self.vocab_bias                           # (B, T, V)
+            logits = self.logits(x)                                              # (B, T, V)
         elif isinstance(logits_at, slice):
-            logits = self.lm_head(x[:, logits_at]) + self.vocab_bias             # (B, len, V)
+            logits = self.logits(x[:, logits_at])                                # (B, len, V)
             targets = targets[:, logits_at] if targets is not None else None
         elif logits_at == "targets":
             keep = targets != -1
-            logits = self.lm_head(x[keep]) + self.vocab_bias                     # (N, V)
+            logits = self.logits(x[keep])                                        # (N, V)
             targets = targets[keep]
         else:
             raise ValueError(f"logits_at must be None, a slice or 'targets', not {logits_at!r}")
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-1)
+            loss = cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) → logits (..., V), -inf at the padded vocabulary slots, without a
+        separate `+ vocab_bias` pass over all of (..., V): when training, the bias rides in the
+        projection's matmul (addmm); without autograd the padded columns are simply overwritten."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad):
+            return F.linear(x, self.lm_head.weight, self.vocab_bias)
+        logits = F.linear(x, self.lm_head.weight)
+        logits[..., TOKENIZER_VOCAB:] = float("-inf")
+        return logits
 
     # --- generation ----------------------------------------------------------------------------
 
@@ -261,7 +308,7 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out_tokens, out_logprobs, out_mask = [], [], []
         for t in range(max_new_tokens):
-            logits = (self.lm_head(x) + self.vocab_bias).float()                  # (B, V)
+            logits = self.logits(x).float()                                       # (B, V)
             if eos_id is not None and t < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
             logp = sampling_logprobs(logits, temperature, top_k, top_p)           # (B, V)

@@ -1,23 +1,30 @@
-"""TL;DR posts and preference comparisons: loading, the prompt template, truncation, tokenization
-and batching. Shared by sft.py, reward_model.py, ppo.py and summarize.py - one implementation of
-the prompt the policy sees, the reward model scores and the CLI serves.
+"""TL;DR posts and preference comparisons: loading, the prompt template, truncation, tokenization,
+batching, greedy summaries and (on generated data) their gold score. Shared by sft.py,
+reward_model.py, ppo.py and summarize.py - one implementation of the prompt the policy sees, the
+reward model scores and the CLI serves.
 
 Sources (`--data`):
 - a Hugging Face dataset name: `CarperAI/openai_summarize_tldr` (SFT: `prompt`, `label`),
   `CarperAI/openai_summarize_comparisons` (`prompt`, `chosen`, `rejected`), or any dataset in the
   raw OpenAI schemas below;
-- a local folder with `{split}.jsonl` or `{split}.parquet` files in any of these schemas:
-  CarperAI SFT (`prompt`, `label`), OpenAI SFT (`subreddit`, `title`, `post`, `summary`),
+- a local folder with `{split}.jsonl` or `{split}.parquet` files (or one such file) in any of these
+  schemas: CarperAI SFT (`prompt`, `label`), OpenAI SFT (`subreddit`, `title`, `post`, `summary`),
   CarperAI comparisons (`prompt`, `chosen`, `rejected`), OpenAI comparisons
   (`info{post,title,subreddit}`, `summaries[2]{text}`, `choice`).
+
+Bad rows (unreadable line, missing field, empty post or summary) are counted, reported in one
+warning line on stderr and skipped; a split with no usable row is a UserError.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common import UserError, get_tokenizer
@@ -32,6 +39,8 @@ SPLIT_ALIASES = {  # our split name → names used by the datasets we read
     "valid": ("valid", "validation", "valid1", "val"),
     "test": ("test", "valid2"),
 }
+SFT_SCHEMAS = ({"prompt", "label"}, {"post", "summary"})
+COMPARISON_SCHEMAS = ({"prompt", "chosen", "rejected"}, {"info", "summaries", "choice"})
 
 
 @dataclass(frozen=True)
@@ -90,37 +99,55 @@ def render_prompt(post: Post, template: str = TEMPLATE) -> str:
 
 
 def _cut_at_boundary(text: str, max_chars: int) -> str:
-    """The longest prefix of at most max_chars that ends at a line break, else at a space."""
+    """A prefix of at most max_chars ending at a line break (when that keeps at least half of what
+    fits), else at a space; a single word longer than that is cut inside."""
     if len(text) <= max_chars:
         return text
-    head = text[:max_chars]
-    for sep in ("\n", " "):
-        cut = head.rfind(sep)
-        if cut > 0:
-            return head[:cut].rstrip()
-    return head
+    head = text[:max_chars + 1]  # a boundary right after the last kept char counts too
+    line = head.rfind("\n")
+    if line >= max_chars // 2:
+        return head[:line].rstrip()
+    space = max(head.rfind(" "), line)
+    if space > 0:
+        return head[:space].rstrip()
+    return text[:max_chars]
 
 
 def prompt_tokens(post: Post, max_prompt_tokens: int = MAX_PROMPT_TOKENS, template: str = TEMPLATE,
                   tokenizer=None) -> tuple[list[int], bool]:
     """Tokens of the rendered prompt, the post cut at a line or word boundary so that the whole
-    prompt fits the budget. Returns (tokens, truncated)."""
+    prompt fits the budget (a title longer than half the room the template leaves is cut too). Returns (tokens, truncated).
+    This is the one function that turns a post into what the model sees, in every stage."""
     tok = tokenizer or get_tokenizer()
     ids = tok.encode_ordinary(render_prompt(post, template))
     if len(ids) <= max_prompt_tokens:
         return ids, False
     frame = len(tok.encode_ordinary(render_prompt(Post("", post.title, post.subreddit), template)))
-    if frame >= max_prompt_tokens:
-        raise UserError(f"the title and subreddit alone take {frame} tokens, over the {max_prompt_tokens}-token prompt budget")
-    body = post.post
-    # shrink by the token overshoot measured in characters, then step back to a boundary until it fits
-    while True:
-        over = len(ids) - max_prompt_tokens
-        chars = max(0, len(body) - max(1, int(over * len(body) / max(1, len(ids) - frame))) - 1)
-        body = _cut_at_boundary(body, chars)
-        ids = tok.encode_ordinary(render_prompt(Post(body, post.title, post.subreddit), template))
-        if len(ids) <= max_prompt_tokens:
-            return ids, True
+    bare = len(tok.encode_ordinary(render_prompt(Post("", "", post.subreddit), template)))
+    if bare >= max_prompt_tokens:
+        raise UserError(f"the prompt template and subreddit alone take {bare} tokens, over the "
+                        f"{max_prompt_tokens}-token prompt budget")
+    title_budget = bare + (max_prompt_tokens - bare) // 2
+    if frame > title_budget:  # a runaway title: it gets at most half of the room the template leaves
+        title = _shrink_to_fit(post.title, lambda t: len(tok.encode_ordinary(
+            render_prompt(Post("", t, post.subreddit), template))), title_budget)
+        post = Post(post.post, title, post.subreddit)
+    body = _shrink_to_fit(post.post, lambda b: len(tok.encode_ordinary(render_prompt(Post(b, post.title, post.subreddit),
+                                                                                   template))), max_prompt_tokens)
+    return tok.encode_ordinary(render_prompt(Post(body, post.title, post.subreddit), template)), True
+
+
+def _shrink_to_fit(text: str, count, budget: int) -> str:
+    """A boundary-cut prefix of text with count(prefix) <= budget (count: tokens of the rendered prompt).
+    Each round cuts about the measured overshoot, so a long post takes a few tokenizer calls, not one per word."""
+    n = count(text)
+    while n > budget and text:
+        over = n - budget
+        # characters per token of this text, with one char of slack so every round shrinks
+        chars = max(0, len(text) - max(1, int(over * len(text) / max(1, n - count("")))) - 1)
+        text = _cut_at_boundary(text, chars)
+        n = count(text)
+    return text
 
 
 def summary_tokens(summary: str, max_summary_tokens: int = MAX_SUMMARY_TOKENS, tokenizer=None) -> list[int]:
@@ -136,13 +163,22 @@ def strip_summary_prefix(text: str) -> str:
     return text[len("TL;DR:"):].strip() if text.startswith("TL;DR:") else text
 
 
+def decode_summary(tokens: list[int], tokenizer=None) -> str:
+    """Generated summary tokens → text, up to (not including) the first EOS, stripped."""
+    tokens = list(tokens)
+    if EOS_ID in tokens:
+        tokens = tokens[:tokens.index(EOS_ID)]
+    tok = tokenizer or get_tokenizer()
+    return tok.decode([t for t in tokens if t < EOS_ID]).strip()
+
+
 # -----------------------------------------------------------------------------
 # loading
 
-def _read_rows(data: str, split: str) -> tuple[list[dict], str]:
-    """Rows of one split from a local folder or a Hugging Face dataset; (rows, source description)."""
+def _read_rows(data: str, split: str) -> tuple[list[dict | None], str]:
+    """Rows of one split from a local folder or file, or a Hugging Face dataset; (rows, source)."""
     names = SPLIT_ALIASES.get(split, (split,))
-    path = Path(data)
+    path = Path(data).expanduser()
     if path.exists():
         if path.is_file():
             files = [path]
@@ -152,36 +188,77 @@ def _read_rows(data: str, split: str) -> tuple[list[dict], str]:
             if not files:
                 raise UserError(f"no {split} split in {path} (looked for {', '.join(n + '.jsonl/.parquet' for n in names)})")
         return _load_local(files[0]), str(files[0])
-    if "/" not in data:
+    # a hub name is exactly owner/name; anything else that does not exist is a missing local path
+    if data.count("/") != 1 or data.startswith((".", "/", "~")) or Path(data.split("/")[0]).is_dir():
         raise UserError(f"data not found: {data} (neither a local path nor a Hugging Face dataset name)")
     return _load_hub(data, names), f"{data}[{split}]"
 
 
-def _load_local(path: Path) -> list[dict]:
-    import datasets
-    kind = "parquet" if path.suffix == ".parquet" else "json"
+def _load_local(path: Path) -> list[dict | None]:
+    """Rows of a local .jsonl/.json/.parquet file. An unreadable JSON line becomes None, which the
+    loaders count and skip instead of failing the whole file."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise UserError(f"cannot read {path}: {_first_line(e)}") from None
     try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as e:  # datasets raises many types for unreadable files
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    return list(ds)
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+    if text.lstrip().startswith("["):  # a .json file holding one list of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+        return [r if isinstance(r, dict) else None for r in rows]
+    out: list[dict | None] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        out.append(row if isinstance(row, dict) else None)
+    return out
 
 
 def _load_hub(name: str, split_names: tuple[str, ...]) -> list[dict]:
     import datasets
     try:
         available = datasets.get_dataset_split_names(name)
-    except Exception as e:
-        raise UserError(f"cannot load dataset {name} (offline? pass --data with local files): "
-                        f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__}") from None
+    except Exception as e:  # offline, unknown name, gated: datasets raises many types
+        raise UserError(f"cannot load dataset {name} (offline? pass --data with local files): {_first_line(e)}") from None
     split = next((s for s in split_names if s in available), None)
     if split is None:
         raise UserError(f"dataset {name} has splits {available}, none of {list(split_names)}")
     return list(datasets.load_dataset(name, split=split))
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _schema(rows: list[dict | None], schemas: tuple[set, ...], what: str, source: str, expected: str) -> set:
+    """The first schema that a row of the split has all fields of (rows missing some are skipped later)."""
+    seen = set()
+    for row in rows[:1000]:
+        if row is None:
+            continue
+        seen |= row.keys()
+        for schema in schemas:
+            if schema <= row.keys():
+                return schema
+    raise UserError(f"{source}: unknown {what} schema with fields {sorted(seen)}; expected {expected}")
+
+
 def _post_from_row(row: dict) -> Post:
     if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError("prompt is not a string")
         return parse_prompt(row["prompt"])
     info = row.get("info", row)
     return Post(post=(info.get("post") or "").strip(), title=(info.get("title") or "").strip(),
@@ -192,10 +269,14 @@ def load_sft(data: str, split: str) -> list[SFTExample]:
     """Posts with reference summaries; bad rows are counted, reported on stderr and skipped."""
     rows, source = _read_rows(data, split)
     stats, out = LoadStats(rows=len(rows)), []
-    if rows and not ({"prompt", "label"} <= rows[0].keys() or {"post", "summary"} <= rows[0].keys()):
-        raise UserError(f"{source}: unknown SFT schema with fields {sorted(rows[0])}; expected "
-                        f"prompt/label (CarperAI) or subreddit/title/post/summary (OpenAI)")
+    schema = _schema(rows, SFT_SCHEMAS, "SFT", source, "prompt/label (CarperAI) or subreddit/title/post/summary (OpenAI)")
     for row in rows:
+        if row is None:
+            stats.skip("unreadable line")
+            continue
+        if not schema <= row.keys():
+            stats.skip("missing field")
+            continue
         try:
             post = _post_from_row(row)
         except (ValueError, TypeError, AttributeError):
@@ -219,13 +300,18 @@ def load_comparisons(data: str, split: str) -> list[Comparison]:
     """Preference pairs; identical or empty summaries and bad rows are counted and dropped."""
     rows, source = _read_rows(data, split)
     stats, out = LoadStats(rows=len(rows)), []
-    if rows and not ({"prompt", "chosen", "rejected"} <= rows[0].keys() or {"info", "summaries", "choice"} <= rows[0].keys()):
-        raise UserError(f"{source}: unknown comparisons schema with fields {sorted(rows[0])}; expected "
-                        f"prompt/chosen/rejected (CarperAI) or info/summaries/choice (OpenAI)")
+    schema = _schema(rows, COMPARISON_SCHEMAS, "comparisons", source,
+                     "prompt/chosen/rejected (CarperAI) or info/summaries/choice (OpenAI)")
     for row in rows:
+        if row is None:
+            stats.skip("unreadable line")
+            continue
+        if not schema <= row.keys():
+            stats.skip("missing field")
+            continue
         try:
             post = _post_from_row(row)
-            if "chosen" in row:
+            if "chosen" in schema:
                 chosen, rejected = strip_summary_prefix(row["chosen"]), strip_summary_prefix(row["rejected"])
             else:
                 choice = int(row["choice"])
@@ -249,6 +335,44 @@ def load_comparisons(data: str, split: str) -> list[Comparison]:
     if not out:
         raise UserError(f"no usable comparisons in {source}")
     return out
+
+
+class EpochSampler:
+    """A resumable stream of example indices: every epoch is a fresh permutation drawn from (seed, epoch),
+    and each call takes the next `batch_size * world_size` of the stream, of which rank r gets the r-th
+    slice, so ranks never see the same examples. (epoch, pos) is the whole position; a batch that
+    crosses an epoch end continues into the next permutation."""
+
+    def __init__(self, n: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n <= 0:
+            raise UserError("no examples to sample from")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.pos = 0, 0
+        self.order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next_indices(self, batch_size: int) -> list[int]:
+        stream = []
+        while len(stream) < batch_size * self.world_size:
+            take = min(batch_size * self.world_size - len(stream), self.n - self.pos)
+            stream.extend(self.order[self.pos:self.pos + take].tolist())
+            self.pos += take
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.order = self._permutation(self.epoch)
+        return stream[self.rank * batch_size:(self.rank + 1) * batch_size]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        if state["n"] != self.n:
+            raise UserError(f"the checkpoint's data position is over {state['n']} examples but the data has "
+                            f"{self.n} now; resume with the same --data")
+        self.seed, self.epoch, self.pos = state.get("seed", self.seed), state["epoch"], state["pos"]
+        self.order = self._permutation(self.epoch)
 
 
 # -----------------------------------------------------------------------------
@@ -290,12 +414,74 @@ def sft_batch(pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, t
 
 
 def encode_sft(examples: list[SFTExample], max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-               max_summary_tokens: int = MAX_SUMMARY_TOKENS, template: str = TEMPLATE) -> list[tuple[list[int], list[int]]]:
-    return [(prompt_tokens(e.post, max_prompt_tokens, template)[0], summary_tokens(e.summary, max_summary_tokens))
-            for e in examples]
+               max_summary_tokens: int = MAX_SUMMARY_TOKENS, template: str = TEMPLATE,
+               progress: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(prompt tokens, summary tokens) of each example, in order."""
+    from tqdm import tqdm
+    tok = get_tokenizer()
+    return [(prompt_tokens(e.post, max_prompt_tokens, template, tok)[0], summary_tokens(e.summary, max_summary_tokens, tok))
+            for e in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not progress)]
 
 
 def template_info(template: str = TEMPLATE, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                   max_summary_tokens: int = MAX_SUMMARY_TOKENS) -> dict:
     """What a checkpoint keeps so that later stages and summarize.py build the same prompts."""
     return {"template": template, "max_prompt_tokens": max_prompt_tokens, "max_summary_tokens": max_summary_tokens}
+
+
+# -----------------------------------------------------------------------------
+# summaries from a model, and their gold score on generated data
+
+@torch.no_grad()
+def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int = 16,
+                       max_new_tokens: int = MAX_SUMMARY_TOKENS, temperature: float = 0.0,
+                       max_prompt_tokens: int = MAX_PROMPT_TOKENS, template: str = TEMPLATE,
+                       top_k: int | None = None, top_p: float | None = None,
+                       generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
+    """Summaries of posts (a Post, or a bare post text) from a GPT: prompts built by prompt_tokens,
+    left-padded, decoded with the KV cache (temperature 0: greedy), text up to the first EOS.
+
+    rt (a common.Runtime) supplies autocast; without it the model's own device and dtype are used.
+    Prompts are batched by length to waste little padding; the result keeps the order of posts."""
+    from tqdm import tqdm
+    if not posts:
+        return []
+    posts = [p if isinstance(p, Post) else Post(str(p)) for p in posts]
+    device = next(model.parameters()).device
+    budget = min(max_prompt_tokens, model.config.block_size - max_new_tokens)
+    if budget <= 0:
+        raise UserError(f"the model's block size {model.config.block_size} leaves no room for a prompt and "
+                        f"{max_new_tokens} new tokens")
+    tok = get_tokenizer()
+    prompts = [prompt_tokens(p, budget, template, tok)[0] for p in posts]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="summaries", leave=False, disable=not progress):
+            rows = order[start:start + batch_size]
+            idx, mask = left_pad([prompts[i] for i in rows])
+            with rt.autocast() if rt is not None else contextlib.nullcontext():
+                tokens, _, new_mask = model.generate(idx.to(device), mask.to(device), max_new_tokens=max_new_tokens,
+                                                     temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     generator=generator)
+            for i, row, m in zip(rows, tokens.cpu(), new_mask.cpu()):
+                out[i] = decode_summary(row[m.bool()].tolist(), tok)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def gold_scores(posts: list[Post], summaries: list[str]) -> list[float]:
+    """synthetic.gold_score of each summary against its whole prompt. Meaningful only on posts of the
+    generated world (synthetic.py); on real Reddit posts it measures nothing."""
+    import synthetic
+    if len(posts) != len(summaries):
+        raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
+    return [synthetic.gold_score(render_prompt(p), s) for p, s in zip(posts, summaries)]
+
+
+def mean_gold_score(posts: list[Post], summaries: list[str]) -> float:
+    scores = gold_scores(posts, summaries)
+    return sum(scores) / len(scores) if scores else float("nan")
