@@ -1,10 +1,10 @@
-# `make test` and `make demo` do all set-up themselves on a fresh machine.
+# `make test` does all set-up itself on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test clean
 
 setup: $(STAMP)
 
@@ -19,9 +19,6 @@ $(STAMP): requirements.txt
 # pytest exits non-zero when no test ran, so an empty run is never green
 test: $(STAMP)
 	$(PY) -m pytest
-
-demo: $(STAMP)
-	./run.sh small
 
 clean:
 	rm -rf $(VENV) .pytest_cache
