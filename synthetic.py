@@ -457,7 +457,9 @@ def gold_breakdown(post_text: str, summary: str) -> dict:
     copied = bool(_distractor_ngrams().intersection(_ngrams(words, 5)))
     trigrams = _ngrams(words, 3)
     repeats = len(trigrams) - len(set(trigrams))
-    score = (coverage + ENDING_BONUS * ends + CONCISE_BONUS * (MIN_WORDS <= len(words) <= MAX_WORDS)
+    # form earns nothing on its own: a well-formed sentence about nothing in the post is not a summary
+    form = ENDING_BONUS * ends + CONCISE_BONUS * (MIN_WORDS <= len(words) <= MAX_WORDS) if covered else 0.0
+    score = (coverage + form
              - WRONG_FACT_PENALTY * len(wrong) - min(0.4, 0.02 * excess) - COPY_PENALTY * copied
              - min(0.3, REPEAT_PENALTY * repeats))
     return {"score": min(1.0, max(0.0, score)), "covered": covered, "missing": [k for k in present if k not in covered],

@@ -171,7 +171,12 @@ def test_gold_score_checks_each_quality():
     }
     for what, text in worse.items():
         assert S.gold_score(post.prompt, text) < base - 0.05, what
-    assert 0.0 <= S.gold_score(post.prompt, "") <= 0.2
+    assert S.gold_score(post.prompt, "") == 0.0
+    # a fluent, finished sentence about nothing in the post is worth nothing, and less than a summary
+    # that gets the main facts right and one detail wrong
+    off_topic = "You can take a few deep breaths and think about what you want."
+    assert S.gold_score(post.prompt, off_topic) == 0.0
+    assert S.gold_score(post.prompt, worse["wrong duration"]) > 0.0
 
 
 def test_label_noise_rate_and_exposure(world):
