@@ -1,0 +1,501 @@
+"""Reward model: a GPT trunk with a scalar head, trained on human preference comparisons so that the
+summary people preferred scores higher (Stiennon et al. 2020). The trunk starts from the SFT model,
+the head near zero; Bradley-Terry loss -logsigmoid(r_chosen - r_rejected) with chosen and rejected in
+one forward; the reward is the score at the last real token (the summary's EOS). The best checkpoint
+by validation accuracy is written with its head bias shifted so that reference summaries (SFT
+validation rows) score 0 on average; PPO loads it with `load_reward_model`.
+
+    python reward_model.py --init best_sft.pt                          # one GPU, CarperAI comparisons
+    python reward_model.py --init gpt2                                 # from OpenAI's GPT-2 instead of SFT
+    torchrun --standalone --nproc_per_node=2 reward_model.py --init best_sft.pt --micro-batch 4   # two T4s
+    torchrun --standalone --nproc_per_node=8 reward_model.py --init best_sft.pt                  # 8 GPUs
+    python reward_model.py --init best_sft.pt --data data/comparisons_raw   # local files, CarperAI or OpenAI schema
+    python reward_model.py --resume                                    # continue checkpoints/reward_model_latest.pt exactly
+    python reward_model.py --score --ckpt reward_model.pt --post "..." --summary "..."   # score one pair
+
+Tiny CPU run on generated data (after sft.py):
+
+    python synthetic.py --out data/synthetic
+    python reward_model.py --preset small --init best_sft.pt --data data/synthetic/comparisons \\
+        --sft-data data/synthetic/tldr
+
+Writes `checkpoints/reward_model.pt` (stage "reward_model", the best by validation accuracy,
+normalised), `checkpoints/reward_model_latest.pt` (for --resume) and `runs/<run-name>/log.jsonl`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tldr
+from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, grad_accum_steps, load_checkpoint,
+                    lr_at, mfu, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state, unwrap)
+from model import GPT, PAD_ID, GPTConfig, ScoreModel
+
+STAGE = "reward_model"
+INIT_STAGES = ("sft",)
+
+
+@dataclass
+class Config:
+    preset: str = "gpt2"                  # tiny (tests) | small (CPU demo) | gpt2 (124M on the real comparisons, the defaults)
+    init: str = "best_sft.pt"             # SFT checkpoint (bare name: in --ckpt-dir), or GPT-2 weights: a hub name (gpt2, ...) or local HF directory
+    data: str = "CarperAI/openai_summarize_comparisons"  # comparisons: HF dataset name or local folder of {split}.jsonl/.parquet (CarperAI or OpenAI schema)
+    val_split: str = "valid"              # split measured for accuracy and the best checkpoint (valid also finds valid1/validation)
+    sft_data: str = "CarperAI/openai_summarize_tldr"  # posts with reference summaries whose mean reward is set to 0 (its valid split)
+    norm_rows: int = 2048                 # reference summaries used for that normalisation (0: all)
+    batch_size: int = 64                  # preference pairs per optimizer step over all ranks
+    micro_batch: int = 8                  # pairs per forward per rank (two sequences each: chosen and rejected)
+    epochs: float = 1.0                   # passes over the train pairs (Stiennon et al.: 1); sets the step count unless --max-steps
+    max_steps: int = 0                    # optimizer steps (0: from --epochs); the cosine ends here
+    warmup_steps: int = 30                # linear warmup steps
+    max_lr: float = 3e-5                  # peak learning rate
+    min_lr: float = 3e-6                  # learning rate at the end of the cosine
+    weight_decay: float = 0.0             # AdamW weight decay on matmul and embedding weights
+    freeze_embeddings: bool = False       # keep the token embeddings fixed (tied to the LM head, which a reward model never uses; saves their optimizer work)
+    beta1: float = 0.9                    # AdamW beta1
+    beta2: float = 0.95                   # AdamW beta2
+    grad_clip: float = 1.0                # clip the global gradient norm to this (0: no clipping)
+    eval_every: int = 200                 # steps between validation passes, plus one at the end (0: at the end only)
+    val_pairs: int = 4096                 # validation pairs per pass, a fixed sample of the split (0: all)
+    save_every: int = 200                 # steps between --latest-ckpt checkpoints, plus one at the end (0: at the end only)
+    best_ckpt: str = "reward_model.pt"    # the checkpoint with the best validation accuracy, normalised; a bare name lives in --ckpt-dir
+    latest_ckpt: str = "reward_model_latest.pt"  # the last checkpoint, with optimizer and data position, read by --resume
+    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
+    resume: bool = False                  # continue exactly from --latest-ckpt (optimizer, scaler, data position, RNG)
+    stop_at: int = 0                      # end this run after this step with a --latest-ckpt checkpoint, keeping the schedule (0: run to the end)
+    score: bool = False                   # no training: print the reward of --post/--summary under --ckpt
+    ckpt: str = "reward_model.pt"         # reward model read by --score
+    post: str = ""                        # --score: the post text
+    title: str = ""                       # --score: the post title
+    subreddit: str = ""                   # --score: the subreddit, without r/
+    summary: str = ""                     # --score: the summary to score
+    run_name: str = "reward_model"        # run folder runs/<run-name>/ for config.json and log.jsonl
+    wandb: bool = False                   # also log to Weights & Biases
+    wandb_project: str = "gpt2-rlhf"      # W&B project
+    device: str = "auto"                  # auto | cuda | cpu | mps
+    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool | None = None           # torch.compile the training forward (default: on for CUDA, off elsewhere)
+    seed: int = 1337                      # seeds the order of the pairs and the validation sample
+
+
+PRESETS = {
+    "tiny": dict(batch_size=8, micro_batch=4, max_steps=6, warmup_steps=2, max_lr=1e-3, min_lr=1e-4, eval_every=3,
+                 val_pairs=16, save_every=3, norm_rows=16),
+    "small": dict(batch_size=16, micro_batch=16, epochs=1.0, warmup_steps=10, max_lr=1e-3, min_lr=1e-4, eval_every=100,
+                  val_pairs=0, save_every=100, norm_rows=400),
+    "gpt2": {},
+}
+
+
+# -----------------------------------------------------------------------------
+# data: comparisons → token triples → packed rows (prompt once, then chosen, then rejected)
+
+Triple = tuple[list[int], list[int], list[int]]  # prompt, chosen summary, rejected summary (tokens)
+
+
+def encode_comparisons(comparisons: list[tldr.Comparison], info: dict) -> list[Triple]:
+    """Tokens through tldr.py's template and truncation: the prompt the policy sees, the summary as
+    ` {summary}<|endoftext|>`, both cut to the budgets in `info` (tldr.template_info)."""
+    cache: dict[tldr.Post, list[int]] = {}  # a post is usually compared many times
+    out = []
+    for c in comparisons:
+        if c.post not in cache:
+            cache[c.post] = tldr.prompt_tokens(c.post, info["max_prompt_tokens"], info["template"])[0]
+        out.append((cache[c.post], tldr.summary_tokens(c.chosen, info["max_summary_tokens"]),
+                    tldr.summary_tokens(c.rejected, info["max_summary_tokens"])))
+    return out
+
+
+def pair_stats(comparisons: list[tldr.Comparison]) -> dict:
+    """Repeated pairs (several raters, or one rater twice) and contradicting ones (the same two summaries
+    with opposite labels): both are kept - they are votes - but worth knowing about."""
+    seen: dict[tuple, int] = {}
+    duplicates = contradictions = 0
+    for c in comparisons:
+        key = (c.post, c.chosen, c.rejected)
+        duplicates += key in seen
+        contradictions += (c.post, c.rejected, c.chosen) in seen
+        seen[key] = 1
+    return {"pairs": len(comparisons), "duplicate_pairs": duplicates, "contradicting_pairs": contradictions}
+
+
+def pack_summaries(rows: list[tuple[list[int], list[list[int]]]], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
+    """One row per prompt, `prompt | summary 1 | summary 2 | ...`, right-padded, with what attention needs
+    so that the prompt is computed once for all its summaries (on TL;DR the prompt is most of the tokens):
+    a summary sees the prompt and itself only, and its positions restart after the prompt, so its scores
+    equal those of `prompt + summary` run alone (tests check this).
+    Returns idx, positions (B, T), attn_mask (B, 1, T, T) bool, and ends (B, K): the last token of each
+    of the K summaries of a row, where the rewards are read."""
+    T = max(len(p) + sum(map(len, ss)) for p, ss in rows)
+    B, K = len(rows), len(rows[0][1])
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, k summary k, -1 padding
+    ends = torch.zeros((B, K), dtype=torch.long)
+    for i, (p, summaries) in enumerate(rows):
+        idx[i, :len(p)], positions[i, :len(p)], segment[i, :len(p)] = torch.tensor(p), torch.arange(len(p)), 0
+        start = len(p)
+        for k, s in enumerate(summaries):
+            stop = start + len(s)
+            idx[i, start:stop], segment[i, start:stop] = torch.tensor(s), k + 1
+            positions[i, start:stop] = torch.arange(len(p), len(p) + len(s))
+            ends[i, k] = stop - 1
+            start = stop
+    q, k = segment[:, :, None], segment[:, None, :]                       # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = causal & (k >= 0) & ((k == 0) | (k == q))  # real, not ahead, the prompt or the same summary
+    visible |= torch.eye(T, dtype=torch.bool)  # padding queries attend to themselves: finite, unused
+    return {"idx": idx, "positions": positions, "attn_mask": visible[:, None], "ends": ends}
+
+
+class PairScorer(torch.nn.Module):
+    """Rewards (B, K) of the summaries of a batch from `pack_summaries`. A module of its own so that
+    DDP and torch.compile wrap the packed forward; `model` is the ScoreModel whose weights it uses."""
+
+    def __init__(self, model: ScoreModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, positions, attn_mask, ends):
+        tr = self.model.transformer
+        x = tr.drop(tr.wte(idx) + tr.wpe(positions))
+        for block in tr.h:
+            x = block(x, attn_mask)
+        scores = self.model.score_head(tr.ln_f(x)).squeeze(-1)            # (B, T)
+        return scores.gather(1, ends)                                     # (B, K)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log P(chosen preferred) under the Bradley-Terry model, averaged over pairs."""
+    return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
+
+
+def pair_rewards(scorer: PairScorer | torch.nn.Module, triples: list[Triple], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) rewards, float32, of a list of triples through a PairScorer (or its wrapper)."""
+    batch = {k: v.to(device) for k, v in pack_summaries([(p, [c, r]) for p, c, r in triples]).items()}
+    rewards = scorer(**batch).float()                                     # (P, 2)
+    return rewards[:, 0], rewards[:, 1]
+
+
+def micro_batches(items: list, size: int, key=None) -> list[list]:
+    """Consecutive chunks of `size`, after sorting by `key` (length) so that each pads little."""
+    if key is not None:
+        items = sorted(items, key=key)
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def triple_len(t: Triple) -> int:
+    return len(t[0]) + len(t[1]) + len(t[2])
+
+
+# -----------------------------------------------------------------------------
+# scoring: what PPO and --score use
+
+def load_reward_model(path: str, map_location="cpu", ckpt_dir: str = "checkpoints") -> tuple[ScoreModel, dict]:
+    """A trained, normalised reward model (eval mode) and its checkpoint dict (`tldr` holds the prompt
+    template and budgets it was trained with, `reward_norm` the normalisation)."""
+    ckpt = load_checkpoint(path, STAGE, map_location, ckpt_dir)
+    if "reward_norm" not in ckpt:
+        raise UserError(f"{path} has no reward normalisation: it is a training snapshot, not a finished reward "
+                        f"model; use the --best-ckpt checkpoint ({Config.best_ckpt})")
+    config = GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
+    model = ScoreModel(config)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+@torch.no_grad()
+def score_tokens(model: ScoreModel, seqs: list[list[int]], batch_size: int = 32,
+                 autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Rewards (N,) float32 on the CPU of token sequences (prompt + summary each), batched by length.
+    autocast: a context factory such as `Runtime.autocast`."""
+    if not seqs:
+        return torch.zeros(0)
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs))
+    for chunk in micro_batches(order, batch_size):
+        idx, mask = tldr.right_pad([seqs[i] for i in chunk], PAD_ID)
+        with autocast():
+            rewards = model.reward(idx.to(device), mask.to(device))
+        out[chunk] = rewards.float().cpu()
+    return out
+
+
+def score_texts(model: ScoreModel, posts: list[tldr.Post], summaries: list[str], info: dict | None = None,
+                batch_size: int = 32, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Rewards (N,) of (post, summary) pairs, built exactly as in training (info: the checkpoint's `tldr`)."""
+    if len(posts) != len(summaries):
+        raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
+    info = info or tldr.template_info()
+    seqs = [tldr.prompt_tokens(p, info["max_prompt_tokens"], info["template"])[0]
+            + tldr.summary_tokens(s, info["max_summary_tokens"]) for p, s in zip(posts, summaries)]
+    return score_tokens(model, seqs, batch_size, autocast)
+
+
+# -----------------------------------------------------------------------------
+# evaluation and normalisation (each rank takes every world_size-th item; sums are all-reduced)
+
+@torch.no_grad()
+def evaluate(scorer: PairScorer, triples: list[Triple], micro_batch: int, rt) -> dict:
+    """Validation accuracy (a tie counts half) and Bradley-Terry loss over `triples`."""
+    scorer.eval()
+    sums = torch.zeros(3, device=rt.device)  # correct, loss sum, pairs
+    for chunk in micro_batches(triples[rt.rank::rt.world_size], micro_batch, key=triple_len):
+        with rt.autocast():
+            rc, rr = pair_rewards(scorer, chunk, rt.device)
+        margin = rc - rr
+        sums += torch.stack([((margin > 0).float() + 0.5 * (margin == 0).float()).sum(),
+                             -F.logsigmoid(margin).sum(), torch.tensor(float(len(chunk)), device=rt.device)])
+    correct, loss, n = all_reduce_sum(sums).tolist()
+    return {"val_accuracy": correct / n, "val_loss": loss / n, "val_pairs": int(n)}
+
+
+@torch.no_grad()
+def reference_stats(model: ScoreModel, seqs: list[list[int]], micro_batch: int, rt) -> tuple[float, float]:
+    """Mean and standard deviation of the reward over reference sequences (prompt + reference summary)."""
+    model.eval()
+    rewards = score_tokens(model, seqs[rt.rank::rt.world_size], micro_batch, rt.autocast).double()
+    sums = all_reduce_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), len(rewards)], dtype=torch.float64,
+                                       device=rt.device)).tolist()
+    mean = sums[0] / sums[2]
+    return mean, math.sqrt(max(0.0, sums[1] / sums[2] - mean ** 2))
+
+
+def normalized_state(model: ScoreModel, mean: float) -> dict:
+    """The model's state dict with the head bias lowered by `mean`: reference summaries then score 0."""
+    state = {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()}
+    state["score_head.bias"] = state["score_head.bias"] - mean
+    return state
+
+
+# -----------------------------------------------------------------------------
+# initialisation
+
+def init_model(cfg: Config) -> tuple[ScoreModel, dict]:
+    """ScoreModel from an SFT checkpoint (trunk) or OpenAI GPT-2 weights; returns it with the tldr template
+    info it must use (copied from the SFT checkpoint, defaults for raw GPT-2)."""
+    path = resolve_ckpt(cfg.init, cfg.ckpt_dir)
+    if path.is_file() or cfg.init.endswith(".pt"):
+        ckpt = load_checkpoint(path, INIT_STAGES)
+        config = GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
+        lm_state = {k: v for k, v in ckpt["model"].items() if not k.startswith("score_head.")}
+        try:
+            model = ScoreModel.from_lm_state(config, lm_state)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: weights do not fit its model_config ({str(e).splitlines()[0][:160]})") from None
+        info = ckpt.get("tldr") or tldr.template_info()
+        return model, dict(info)
+    try:
+        lm = GPT.from_pretrained(cfg.init, dropout=0.0)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        raise UserError(f"--init {cfg.init!r} is neither a checkpoint in {cfg.ckpt_dir}/ nor loadable GPT-2 weights "
+                        f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+    return ScoreModel.from_lm_state(lm.config, lm.state_dict()), tldr.template_info()
+
+
+def check_config(cfg: Config):
+    positive = {"batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "max_lr": cfg.max_lr}
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    non_negative = {"warmup_steps": cfg.warmup_steps, "min_lr": cfg.min_lr, "eval_every": cfg.eval_every,
+                    "val_pairs": cfg.val_pairs, "save_every": cfg.save_every, "stop_at": cfg.stop_at,
+                    "grad_clip": cfg.grad_clip, "norm_rows": cfg.norm_rows, "max_steps": cfg.max_steps,
+                    "epochs": cfg.epochs, "weight_decay": cfg.weight_decay}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if cfg.max_steps == 0 and cfg.epochs == 0:
+        raise UserError("give a positive --max-steps or --epochs")
+
+
+# -----------------------------------------------------------------------------
+# --score: one pair
+
+def score_main(cfg: Config) -> float:
+    if not cfg.post.strip() or not cfg.summary.strip():
+        raise UserError("--score needs a non-empty --post and --summary")
+    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    model, ckpt = load_reward_model(cfg.ckpt, rt.device, cfg.ckpt_dir)
+    model.to(rt.device)
+    post = tldr.Post(cfg.post.strip(), cfg.title.strip(), cfg.subreddit.strip().removeprefix("r/"))
+    reward = score_texts(model, [post], [cfg.summary], ckpt.get("tldr"), autocast=rt.autocast)[0].item()
+    std = ckpt["reward_norm"].get("std") or 0.0
+    z = f" ({reward / std:+.2f} std from the mean reference summary)" if std > 0 else ""
+    print(f"reward {reward:+.4f}{z}")
+    return reward
+
+
+# -----------------------------------------------------------------------------
+
+def main(cfg: Config) -> dict:
+    # --- config
+    if cfg.score:
+        return {"reward": score_main(cfg)}
+    check_config(cfg)
+
+    # --- setup
+    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="pairs")
+    out_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
+    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
+
+    # --- model
+    resume = load_checkpoint(latest_path, STAGE, "cpu") if cfg.resume else None
+    if resume is not None:
+        if "optimizer" not in resume:
+            raise UserError(f"{latest_path} has no optimizer state; --resume needs the --latest-ckpt checkpoint")
+        raw = ScoreModel(GPTConfig.from_dict(resume["model_config"]))
+        raw.load_state_dict(resume["model"])
+        info = resume["tldr"]
+    else:
+        raw, info = init_model(cfg)
+    if info["max_prompt_tokens"] + info["max_summary_tokens"] > raw.config.block_size:
+        raise UserError(f"prompt + summary budgets ({info['max_prompt_tokens']} + {info['max_summary_tokens']} tokens) "
+                        f"exceed the model's block size {raw.config.block_size}")
+    raw.to(rt.device)
+    scorer = PairScorer(raw)  # evaluation and normalisation run the plain modules, never the compiled/DDP one
+
+    # --- data
+    train = tldr.load_comparisons(cfg.data, "train")
+    valid = tldr.load_comparisons(cfg.data, cfg.val_split)
+    stats = pair_stats(train)
+    print0(f"comparisons: {len(train):,} train pairs ({stats['duplicate_pairs']:,} repeated, "
+           f"{stats['contradicting_pairs']:,} contradicting an earlier pair), {len(valid):,} {cfg.val_split} pairs")
+    if cfg.val_pairs and len(valid) > cfg.val_pairs:
+        g = torch.Generator().manual_seed(cfg.seed)
+        valid = [valid[i] for i in sorted(torch.randperm(len(valid), generator=g)[:cfg.val_pairs].tolist())]
+    train_triples, valid_triples = encode_comparisons(train, info), encode_comparisons(valid, info)
+    refs = tldr.load_sft(cfg.sft_data, "valid")[:cfg.norm_rows or None]
+    ref_seqs = [p + s for p, s in tldr.encode_sft(refs, info["max_prompt_tokens"], info["max_summary_tokens"],
+                                                  info["template"])]
+    sampler = tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size)
+
+    # --- optimizer
+    raw.transformer.wte.weight.requires_grad_(not cfg.freeze_embeddings)
+    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), rt.device_type)
+    scaler = rt.grad_scaler()
+    start_step, best = 0, {"val_accuracy": -1.0, "step": -1}
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if "scaler" in resume and scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
+        sampler.load_state_dict(resume["data_state"])
+        set_rng_state(resume["rng"])
+        start_step, best = resume["step"], dict(resume["best"])
+    model = scorer  # what trains: the packed forward, compiled and DDP-wrapped when asked
+    if use_compile:
+        model = torch.compile(model, dynamic=True)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    # --- schedule
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(train_triples) // cfg.batch_size))
+    end = min(max_steps, cfg.stop_at) if cfg.stop_at else max_steps
+    n_trunk = raw.num_params() - raw.transformer.wte.weight.numel()  # no vocabulary projection in a reward model
+    peak = rt.peak_tflops()
+    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
+                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
+    print0(f"reward model: {n_trunk / 1e6:.2f}M trunk params, {rt.world_size} process(es) on {rt.device_type}, "
+           f"{str(rt.dtype).removeprefix('torch.')}, {cfg.batch_size} pairs/step = {cfg.micro_batch} x "
+           f"{rt.world_size} rank(s) x {accum} accumulation step(s), steps {start_step}->{end} of {max_steps} "
+           f"({max_steps * cfg.batch_size / len(train_triples):.2f} epochs), compile {'on' if use_compile else 'off'}")
+    if start_step:
+        print0(f"resumed from {latest_path} at step {start_step} (best val accuracy so far {best['val_accuracy']:.4f})")
+    if start_step >= end:
+        print0(f"nothing to do: the checkpoint is at step {start_step}")
+        return {"step": start_step, "best": best}
+
+    def run_eval(step: int) -> dict:
+        record = evaluate(scorer, valid_triples, cfg.micro_batch * 2, rt)
+        if record["val_accuracy"] > best["val_accuracy"]:
+            mean, std = reference_stats(raw, ref_seqs, cfg.micro_batch * 2, rt)
+            best.update(val_accuracy=record["val_accuracy"], val_loss=record["val_loss"], step=step)
+            if rt.master:
+                save_best(step, record, mean, std)
+            record["saved"] = str(out_path)
+        logger.log(record, step, kind="eval")
+        return record
+
+    def save_best(step: int, record: dict, mean: float, std: float):
+        """The shifted bias goes into a copy of the weights: training continues bit-exactly."""
+        state = normalized_state(raw, mean)
+        snapshot = ScoreModel(raw.config)
+        snapshot.load_state_dict(state)
+        save_checkpoint(out_path, stage=STAGE, model=snapshot, step=step, config=cfg,
+                        metrics={**record, "ref_reward_mean_before": mean}, tldr=info,
+                        reward_norm={"bias_shift": -mean, "std": std, "rows": len(ref_seqs)})
+
+    def save_latest(step: int):
+        if rt.master:
+            save_checkpoint(latest_path, stage=STAGE, model=raw, step=step, config=cfg, metrics=metrics,
+                            optimizer=optimizer, scaler=scaler, data_state=sampler.state_dict(), rng=rng_state(),
+                            tldr=info, best=best)
+
+    # --- loop
+    metrics: dict = {}
+    for step in range(start_step, end):
+        t0 = time.time()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=rt.device)  # loss sum, correct, tokens
+        batch = [train_triples[i] for i in sampler.next_indices(cfg.batch_size // rt.world_size)]
+        chunks = micro_batches(batch, cfg.micro_batch, key=triple_len)
+        for micro, chunk in enumerate(chunks):
+            # gradients are all-reduced only on the last micro-step; the choice is made before the forward
+            sync = not rt.ddp or micro == accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with rt.autocast():
+                    rc, rr = pair_rewards(model, chunk, rt.device)
+                loss = bradley_terry_loss(rc, rr)
+                scaler.scale(loss / accum).backward()
+            tokens = sum(len(p) + len(c) + len(r) for p, c, r in chunk)
+            sums += torch.stack([loss.detach() * len(chunk), (rc > rr).float().sum().detach(),
+                                 torch.tensor(float(tokens), device=rt.device)])
+        loss_sum, correct, tokens = all_reduce_sum(sums).tolist()
+        train_loss = loss_sum / cfg.batch_size
+        if not math.isfinite(train_loss):
+            raise UserError(f"loss is {train_loss} at step {step}: training diverged; resume from the last "
+                            f"checkpoint with a lower --lr, or use --dtype float32/bfloat16")
+        lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+        scaler.step(optimizer)
+        scaler.update()
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        record = {"loss": train_loss, "accuracy": correct / cfg.batch_size, "lr": lr, "grad_norm": grad_norm,
+                  "dt_ms": dt * 1000, "pairs_per_s": cfg.batch_size / dt, "tok_per_s": tokens / dt}
+        if peak:
+            seq_len = tokens / cfg.batch_size  # packed row length: the attention span
+            record["mfu"] = mfu(6 * n_trunk + 12 * raw.config.n_layer * raw.config.n_embd * seq_len,
+                                tokens / dt / rt.world_size, peak)
+        logger.log(record, step)
+        metrics.update(train_loss=train_loss, step=step + 1)
+
+        done = step + 1 == end
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == max_steps:
+            metrics.update(run_eval(step + 1))
+        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            save_latest(step + 1)
+
+    if rt.master and best["step"] >= 0:
+        print0(f"best val accuracy {best['val_accuracy']:.4f} at step {best['step']}, saved to {out_path}")
+    logger.finish()
+    return {**metrics, "best": best}
+
+
+if __name__ == "__main__":
+    cli_main(main, Config, PRESETS)
