@@ -1,10 +1,10 @@
-# `make test` does all set-up itself on a fresh machine.
+# `make test` and `make demo` do all set-up themselves on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup test clean
+.PHONY: setup test demo clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt
 # pytest exits non-zero when no test ran, so an empty run is never green
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the whole pipeline on the generated world at the small size, offline: runs/small/report.md and plots
+demo: $(STAMP)
+	PYTHON=$(PY) bash run.sh small
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,208 @@
+"""Plots of a run from its JSONL logs (what every stage writes to runs/<run-name>/log.jsonl): training and
+validation loss per stage, HellaSwag over pretraining, reward and KL over PPO steps. PNG files, matplotlib
+without a display.
+
+    python plot.py --run-dir runs/small                      # after ./run.sh small: runs/small/*.png
+    python plot.py --run-dir runs                            # stages run by hand: runs/pretrain, runs/sft, ...
+    python plot.py --logs runs/pretrain/log.jsonl runs/gpt2/pretrain/log.jsonl --out-dir plots   # any logs
+
+Which plot a log joins is decided by what it holds, not by its name: a log with `loss` / `val_loss`
+gets a loss panel, one with HellaSwag scores a HellaSwag panel, one with `rm_score` / `kl` (PPO) a reward
+and a KL panel. Metrics a log lacks are skipped; a plot with nothing to show is not written. When a
+resumed run logged a step twice, the later record wins.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import UserError, cli_main
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/small"                      # a folder whose subfolders hold log.jsonl (one per stage)
+    logs: list[str] = field(default_factory=list)    # log.jsonl files to plot instead (each named by its folder)
+    out_dir: str = ""                                # where the PNGs go (default: --run-dir)
+
+
+STAGE_ORDER = ("pretrain", "sft", "reward_model", "ppo")
+HELLASWAG_KEYS = {"hellaswag_acc_norm": "completion acc_norm", "hellaswag_harness_acc_norm": "harness acc_norm"}
+
+
+# -----------------------------------------------------------------------------
+# reading logs (report.py reads them through these too)
+
+def read_log(path: str | Path) -> list[dict]:
+    """A log.jsonl as records ordered by step; when a resumed run logged a step again, its last record of
+    that kind wins. A missing file is an empty log; a torn line (a run killed mid-write) is skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records: dict[tuple, dict] = {}
+    for i, line in enumerate(path.read_text().splitlines()):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict):
+            records[(r.get("kind"), r["step"]) if "step" in r else ("line", i)] = r
+    return sorted(records.values(), key=lambda r: (r.get("step", -1), r.get("time", 0)))
+
+
+def number(v) -> float | None:
+    """v as a float when it is a finite number, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def series(records: list[dict], key: str, kind: str = "eval") -> list[tuple[int, float]]:
+    """(step, value) of every `kind` record with a finite number under `key`."""
+    return [(r["step"], number(r[key])) for r in records
+            if r.get("kind") == kind and "step" in r and number(r.get(key)) is not None]
+
+
+def find_logs(run_dir: str | Path) -> dict[str, Path]:
+    """{stage folder name: log.jsonl} of the subfolders of run_dir, the pipeline's stages first."""
+    run_dir = Path(run_dir)
+    found = {p.parent.name: p for p in sorted(run_dir.glob("*/log.jsonl"))}
+    order = [s for s in STAGE_ORDER if s in found] + [s for s in found if s not in STAGE_ORDER]
+    return {s: found[s] for s in order}
+
+
+# -----------------------------------------------------------------------------
+# plots: each returns the path written, or None when its logs hold nothing to plot
+
+def _figure(n_panels: int, height: float = 3.2):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n_panels:]:
+        ax.set_visible(False)
+    return plt, fig, list(axes.flat)
+
+
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """Training loss (line) and validation loss (markers) per stage, one panel each."""
+    panels = {name: (series(r, "loss", "train"), series(r, "val_loss")) for name, r in logs.items()}
+    panels = {name: s for name, s in panels.items() if s[0] or s[1]}
+    if not panels:
+        return None
+    plt, fig, axes = _figure(len(panels))
+    for ax, (name, (train, val)) in zip(axes, panels.items()):
+        if train:
+            ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
+        if val:
+            ax.plot(*zip(*val), "o-", ms=4, label="val loss")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_hellaswag(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """HellaSwag acc_norm at each evaluation during pretraining, with the 25% chance line."""
+    curves = [(name, label, series(r, key)) for name, r in logs.items() for key, label in HELLASWAG_KEYS.items()]
+    curves = [c for c in curves if c[2]]
+    if not curves:
+        return None
+    plt, fig, (ax,) = _figure(1, height=3.6)
+    several = len({name for name, _, _ in curves}) > 1
+    for name, label, s in curves:
+        ax.plot(*zip(*s), "o-", ms=4, label=f"{name}: {label}" if several else label)
+    ax.axhline(0.25, color="gray", ls="--", lw=1, label="chance")
+    ax.set_title("HellaSwag during pretraining")
+    ax.set_xlabel("step")
+    ax.set_ylabel("acc_norm")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_ppo(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """Reward (rollouts and greedy evaluation) and KL to the reference over PPO steps, plus the gold
+    score of evaluations when the log has it."""
+    runs = {name: r for name, r in logs.items() if series(r, "rm_score", "train") or series(r, "kl", "train")}
+    if not runs:
+        return None
+    has_gold = any(series(r, "eval_gold") for r in runs.values())
+    plt, fig, axes = _figure(3 if has_gold else 2)
+    prefix = (lambda name: f"{name}: ") if len(runs) > 1 else (lambda name: "")
+    for name, r in runs.items():
+        p = prefix(name)
+        for key, label, style in (("rm_score", "rollout RM score", "-"), ("score", "rollout score (EOS penalty)", ":"),
+                                  ("eval_rm_score", "greedy eval RM score", "o-")):
+            s = series(r, key, "eval" if key.startswith("eval_") else "train")
+            if s:
+                axes[0].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
+        for key, label, style in (("kl", "rollout KL", "-"), ("eval_kl", "greedy eval KL", "o-")):
+            s = series(r, key, "eval" if key.startswith("eval_") else "train")
+            if s:
+                axes[1].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
+        if has_gold:
+            for key, label, style in (("eval_gold", "policy", "o-"), ("sft_gold", "SFT", "--")):
+                s = series(r, key)
+                if s:
+                    axes[2].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
+    titles = ("reward", "KL to the SFT reference (nats per response)", "gold score (greedy eval)")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_all(logs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    made = [plot_losses(logs, out_dir / "loss.png"), plot_hellaswag(logs, out_dir / "hellaswag.png"),
+            plot_ppo(logs, out_dir / "ppo.png")]
+    return [p for p in made if p is not None]
+
+
+def main(cfg: Config) -> list[Path]:
+    # --- logs
+    if cfg.logs:
+        missing = [p for p in cfg.logs if not Path(p).is_file()]
+        if missing:
+            raise UserError(f"log not found: {missing[0]}")
+        paths = {}
+        for p in map(Path, cfg.logs):
+            name = p.parent.name or p.stem
+            paths[name if name not in paths else str(p.parent)] = p
+    else:
+        if not Path(cfg.run_dir).is_dir():
+            raise UserError(f"run folder not found: {cfg.run_dir}")
+        paths = find_logs(cfg.run_dir)
+        if not paths:
+            raise UserError(f"no <stage>/log.jsonl under {cfg.run_dir}")
+    logs = {name: read_log(p) for name, p in paths.items()}
+
+    # --- plots
+    made = plot_all(logs, cfg.out_dir or (cfg.run_dir if not cfg.logs else "."))
+    if not made:
+        raise UserError(f"nothing to plot in {', '.join(map(str, paths.values()))}: no loss, HellaSwag or PPO records")
+    print(f"wrote {', '.join(map(str, made))}")
+    return made
+
+
+if __name__ == "__main__":
+    cli_main(main, Config, None)

@@ -1,0 +1,812 @@
+"""PPO: align the TL;DR summarizer with the reward model (Stiennon et al. 2020), with the details of
+"The N+ implementation details of RLHF with PPO" (Huang et al. 2024): policy and frozen reference from
+SFT, value model from the reward model, rollouts with the KV cache at temperature 0.7 (the same
+temperature in every log-prob), responses cut after their first EOS and scored -1 when they never end,
+a per-token KL penalty (beta 0.05, optionally adaptive), GAE (gamma 1, lambda 0.95), advantages
+whitened over real tokens of every rank, clipped policy and value losses, 4 epochs over minibatches,
+AdamW with linear decay, dropout off.
+
+    python ppo.py --sft best_sft.pt --rm reward_model.pt                 # one GPU (80 GB)
+    torchrun --standalone --nproc_per_node=2 ppo.py --micro-batch 4 --gen-batch 32   # two T4s (fp16 + GradScaler)
+    torchrun --standalone --nproc_per_node=8 ppo.py                      # 8 GPUs
+    python ppo.py --resume                                               # continue checkpoints/ppo_latest.pt exactly
+    python summarize.py "post text"                                      # serve the result
+
+Tiny CPU run on generated data (after sft.py and reward_model.py on it):
+
+    python ppo.py --preset small --data data/synthetic/tldr
+
+Writes `checkpoints/ppo_latest.pt` (stage "ppo": the policy, the value model, optimizer, data position,
+RNG and the prompt template) every --save-every steps and at the end, and `runs/<run-name>/log.jsonl`
+(one record per step, per evaluation and per sample table).
+
+One loop serves every task: a task (`--task`) says where prompts come from, how a response is produced,
+how it is scored (`--reward`) and what evaluation adds; `TASKS` and each task's `REWARDS` list them.
+`--task hellaswag` (hellaswag_task.py) fine-tunes a GPT-2 for HellaSwag with `--reward label|judge`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag_task
+import tldr
+from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, get_tokenizer, load_checkpoint,
+                    model_state_dict, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state)
+from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, last_real_index, sampling_logprobs
+from reward_model import load_reward_model
+
+STAGE = "ppo"
+POLICY_STAGES = ("sft",)
+
+
+@dataclass
+class Config:
+    preset: str = "gpt2"                  # tiny (tests) | small (CPU demo) | gpt2 (124M on the real TL;DR, the defaults)
+    task: str = "tldr"                    # what the policy learns: tldr (summarize Reddit posts) | hellaswag (hellaswag_task.py)
+    reward: str = "rm"                    # reward source: rm (tldr: our reward model, scoring the policy's own tokens) | label, judge (hellaswag)
+    sft: str = "best_sft.pt"              # SFT checkpoint: the initial policy and the frozen reference
+    rm: str = "reward_model.pt"           # reward model checkpoint; the value model starts from it too
+    data: str = "CarperAI/openai_summarize_tldr"  # posts: HF dataset name or local folder of {split}.jsonl/.parquet
+    train_split: str = "train"            # split whose posts are the rollout prompts
+    eval_split: str = "valid"             # split of the held-out evaluation posts
+    max_prompt_tokens: int = 0            # prompt budget (0: the SFT checkpoint's, so prompts match training)
+    response_length: int = 53             # most tokens per response (TL;DR: 53)
+    temperature: float = 0.7              # sampling temperature of rollouts, also applied to every training log-prob
+    missing_eos_score: float = -1.0       # score of a response that never emits EOS (replaces the reward model's)
+    rollout_batch: int = 512              # prompts rolled out per PPO step over all ranks
+    gen_batch: int = 0                    # prompts generated at once per rank (0: the rank's whole share)
+    num_minibatches: int = 4              # optimizer steps per PPO epoch (the rollout batch split this many ways)
+    micro_batch: int = 16                 # rows per forward/backward per rank (gradient accumulation inside a minibatch)
+    ppo_epochs: int = 4                   # passes over each rollout batch
+    max_steps: int = 1000                 # PPO steps (rollout + update); the linear LR decay ends here
+    lr: float = 1e-5                      # initial learning rate, decayed linearly to 0 at --max-steps
+    weight_decay: float = 0.0             # AdamW weight decay on matmul and embedding weights
+    adam_eps: float = 1e-5                # AdamW epsilon (1e-5 as in the N+ details, not torch's 1e-8)
+    grad_clip: float = 1.0                # clip the joint gradient norm of policy and value model (0: no clipping)
+    kl_coef: float = 0.05                 # beta of the per-token KL penalty -beta * (logp - logp_ref)
+    adaptive_kl: bool = False             # adapt beta towards --kl-target (Ziegler et al. 2019)
+    kl_target: float = 6.0                # --adaptive-kl: target KL per response (nats)
+    kl_horizon: int = 10000               # --adaptive-kl: horizon in rollouts of the controller
+    gamma: float = 1.0                    # GAE discount
+    lam: float = 0.95                     # GAE lambda
+    cliprange: float = 0.2                # PPO ratio clip
+    cliprange_value: float = 0.2          # value clip around the rollout's values
+    vf_coef: float = 0.1                  # weight of the value loss
+    max_approx_kl: float = 1.0            # stop when the approx KL between policy and rollout policy exceeds this (0: never)
+    eval_every: int = 50                  # steps between evaluations, plus one at the start and the end (0: start and end only)
+    eval_prompts: int = 256               # held-out posts summarized greedily at each evaluation (hellaswag: val rows scored)
+    gold: str = "auto"                    # gold score of summaries: auto (when --data was written by synthetic.py) | on | off
+    sample_every: int = 10                # steps between sample tables (0: never)
+    sample_rows: int = 3                  # rollouts shown in each sample table
+    save_every: int = 50                  # steps between checkpoints, plus one at the end (0: at the end only)
+    ckpt: str = "ppo_latest.pt"           # checkpoint written (and read by --resume); a bare name lives in --ckpt-dir
+    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
+    resume: bool = False                  # continue exactly from --ckpt (optimizer, scaler, KL coefficient, data position, RNG)
+    stop_at: int = 0                      # end this run after this step with a checkpoint, keeping the --max-steps schedule (0: run to the end)
+    run_name: str = "ppo"                 # run folder runs/<run-name>/ for config.json and log.jsonl
+    wandb: bool = False                   # also log to Weights & Biases
+    wandb_project: str = "gpt2-rlhf"      # W&B project
+    device: str = "auto"                  # auto | cuda | cpu | mps
+    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+    compile: bool | None = None           # torch.compile the policy+value forward (default: on for CUDA, off elsewhere)
+    seed: int = 1337                      # seeds the prompt order, the rollouts and the minibatch shuffles
+    init: str = "gpt2"                    # hellaswag: starting policy and frozen reference: GPT-2 weights (hub name or HF directory) or a pretrain/sft checkpoint
+    hellaswag_dir: str = "data/hellaswag"  # hellaswag: folder of hellaswag_{train,val}.jsonl (downloaded when missing); train for rollouts, val for evaluation
+    choice_norm: str = "mean"             # hellaswag --reward label: an ending's score is its mean (as acc_norm) or sum (as acc) log-likelihood per token
+    label_reward: str = "hit"             # hellaswag --reward label: hit (1 for the labelled ending, else 0) | margin (a wrong ending also costs up to 1 by how far it outscores the label)
+    judge: str = ""                       # hellaswag --reward judge: HF causal LM or sequence classifier (hub name or local directory, any tokenizer), or a reward_model.py checkpoint
+    judge_device: str = ""                # hellaswag --reward judge: device of the judge (empty: the policy's)
+    judge_dtype: str = "auto"             # hellaswag --reward judge: judge weights dtype: auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+    judge_batch: int = 16                 # hellaswag --reward judge: continuations per judge forward
+    judge_empty_score: float = -10.0      # hellaswag --reward judge: score of a continuation that leaves the judge nothing to score
+
+
+PRESETS = {
+    "tiny": dict(response_length=12, rollout_batch=8, num_minibatches=2, micro_batch=2, ppo_epochs=2, max_steps=4,
+                 lr=1e-4, eval_every=2, eval_prompts=8, sample_every=2, sample_rows=2, save_every=2),
+    # small: a minute or two of a 2-core CPU; a model this small moves little at 3e-5 in so few steps
+    "small": dict(rollout_batch=32, num_minibatches=2, micro_batch=16, ppo_epochs=4, max_steps=12, lr=1e-4,
+                  eval_every=6, eval_prompts=64, sample_every=6, save_every=6),
+    "gpt2": {},
+}
+
+
+# -----------------------------------------------------------------------------
+# the PPO math: pure functions on (B, N) response tensors; `mask` marks real response tokens (EOS included)
+
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask is 1, else 0 - also where x is -inf or nan there (the log-prob of a pad token)."""
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the positions where mask is 1, over every rank."""
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).float())
+    return s[0] / s[1].clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std with mean and unbiased variance over the real tokens of every rank (two
+    all-reduces: a global mean first, then the squared deviations from it); 0 on padding."""
+    mask = mask.to(x.dtype)
+    s = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean, n = s[0] / s[1].clamp(min=1), s[1]
+    var = all_reduce_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+               kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards -kl_coef * (logp - logp_ref), plus the sequence's score at its last real token.
+    Returns (rewards, kl), both (B, N) and 0 on padding."""
+    kl = masked(logprobs - ref_logprobs, mask)
+    rewards = -kl_coef * kl
+    rows = torch.arange(rewards.size(0), device=rewards.device)
+    rewards[rows, last_real_index(mask)] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over each response (padding is terminal: value 0, reward 0).
+    Returns (advantages, returns = advantages + values)."""
+    values, rewards = masked(values, mask), masked(rewards, mask)
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    N = rewards.size(1)
+    for t in reversed(range(N)):
+        next_value = values[:, t + 1] if t + 1 < N else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float, denom: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate max(-A r, -A clip(r, 1-c, 1+c)) summed over real tokens / denom (default: their
+    count; a minibatch split into micro-batches passes the minibatch's count so that the micro-batch
+    sums add up to its mean). Stats: clip fraction, approx KL 0.5 (log r)^2, mean ratio (same normaliser)."""
+    denom = mask.sum() if denom is None else denom
+    logratio = masked(logprobs - old_logprobs, mask)
+    ratio = torch.exp(logratio)
+    loss1 = -advantages * ratio
+    loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = (torch.max(loss1, loss2) * mask).sum() / denom
+    stats = {"clipfrac": ((loss2 > loss1).float() * mask).sum() / denom,
+             "approx_kl": 0.5 * (logratio ** 2 * mask).sum() / denom,
+             "ratio": (ratio * mask).sum() / denom}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float, denom: torch.Tensor | float | None = None) -> tuple[torch.Tensor, dict]:
+    """0.5 max((v - R)^2, (v_clipped - R)^2) with v_clipped within cliprange_value of the rollout's value."""
+    denom = mask.sum() if denom is None else denom
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss1 = (values - returns) ** 2
+    loss2 = (clipped - returns) ** 2
+    loss = 0.5 * (torch.max(loss1, loss2) * mask).sum() / denom
+    return loss, {"vf_clipfrac": (((loss2 > loss1).float() * mask).sum() / denom).detach()}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the real tokens of every rank."""
+    def var(x):
+        mean = masked_mean(x, mask)
+        return masked_mean((x - mean) ** 2, mask)
+    v = var(returns).item()
+    return float("nan") if v == 0 else 1.0 - var(returns - values).item() / v
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (...) of `tokens` under the sampling distribution at `temperature` (model.sampling_logprobs,
+    exactly what generate() draws from) and the full (..., V) log-probs."""
+    logp_all = sampling_logprobs(logits, temperature)
+    return logp_all.gather(-1, tokens[..., None]).squeeze(-1), logp_all
+
+
+def response_logits(model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Logits (K, V) at the positions that predict the K real response tokens (row-major order) of
+    left-padded prompts followed by right-padded responses from column `start` on. The vocabulary
+    projection, most of a small model's cost, runs nowhere else: not on the prompt, not on padding."""
+    h = model.hidden_states(idx, attention_mask)[:, start - 1:-1]   # position t predicts token t+1
+    return model.logits(h[attention_mask[:, start:].bool()])
+
+
+def unflatten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(K,) values at the real tokens of a (B, N) mask, row-major → (B, N) with 0 elsewhere (differentiable)."""
+    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask.bool(), x)
+
+
+def entropy(logp_all: torch.Tensor) -> torch.Tensor:
+    """Entropy (B, N) of distributions given as log-probs (-inf entries contribute 0)."""
+    return torch.special.entr(logp_all.exp()).sum(-1)
+
+
+class KLController:
+    """beta of the KL penalty: fixed, or adaptive (Ziegler et al. 2019): moved by a proportional error
+    clipped to +-20%, at a rate of (rollouts this step / horizon)."""
+
+    def __init__(self, value: float, target: float | None = None, horizon: int = 10000):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n: int):
+        if self.target is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + error * n / self.horizon
+
+
+# -----------------------------------------------------------------------------
+# models
+
+class PolicyAndValue(nn.Module):
+    """Policy and value model under one module: one DDP wrapper, one optimizer, one clipped gradient norm.
+    forward → the policy's logits (K, V) at the K real response tokens, and the values (B, N) of the
+    states before each response token."""
+
+    def __init__(self, policy: GPT, value: ScoreModel):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor, start: int):
+        logits = response_logits(self.policy, idx, attention_mask, start)          # (K, V)
+        values = self.value(idx, attention_mask)[:, start - 1:-1]                  # (B, N)
+        return logits, values
+
+
+def lm_from_checkpoint(ckpt: dict) -> GPT:
+    """A GPT with dropout off (RLHF never uses it) from a loaded checkpoint."""
+    model = GPT(GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0}))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# tasks and reward sources: one PPO loop, pluggable prompts, responses, scores and evaluation
+
+class RewardModelReward:
+    """--reward rm: our reward model reads the policy's own tokens (both speak GPT-2 tokens, so nothing is
+    decoded and re-tokenized) and its score at the response's last real token - the EOS, as in training -
+    is the reward. The value model starts from the same weights."""
+
+    def __init__(self, cfg: Config, rt):
+        self.model, ckpt = load_reward_model(cfg.rm, "cpu", cfg.ckpt_dir)
+        self.model = frozen(self.model.to(rt.device))
+        self.info = ckpt.get("tldr")
+        self.rt = rt
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with self.rt.autocast():
+            return self.model.reward(idx, mask).float()
+
+    def value_model(self) -> ScoreModel:
+        return copy.deepcopy(self.model).train().requires_grad_(True)
+
+
+class TldrTask:
+    """--task tldr: summarize Reddit posts. Prompts are tldr.py's template with the SFT checkpoint's
+    budgets (left-padded for generation), a response is a sampled summary ended by EOS, its score is the
+    reward source's, or --missing-eos-score when it never ends. Evaluation adds the gold score of
+    synthetic.py's world when the posts come from it."""
+
+    REWARDS = {"rm": RewardModelReward}
+
+    @staticmethod
+    def load_policy(cfg: Config, resume: dict | None) -> tuple[GPT, GPT, dict]:
+        return load_policy(cfg, resume)
+
+    def __init__(self, cfg: Config, info: dict, rt):
+        if cfg.reward not in self.REWARDS:
+            raise UserError(f"--task tldr takes --reward {' or '.join(self.REWARDS)}, not {cfg.reward!r}")
+        self.cfg, self.info = cfg, info
+        self.train_posts = [e.post for e in tldr.load_sft(cfg.data, cfg.train_split)]
+        self.eval_posts = [e.post for e in tldr.load_sft(cfg.data, cfg.eval_split)[:cfg.eval_prompts]]
+        self.reward = self.REWARDS[cfg.reward](cfg, rt)
+        if self.reward.info and self.reward.info.get("template") != info["template"]:
+            raise UserError(f"the reward model {cfg.rm} was trained with another prompt template than the SFT "
+                            f"checkpoint {cfg.sft}; train it from that SFT checkpoint")
+        self.gold = use_gold(cfg.gold, cfg.data)
+
+    def __len__(self) -> int:
+        return len(self.train_posts)
+
+    def prompt(self, post: tldr.Post) -> list[int]:
+        return tldr.prompt_tokens(post, self.info["max_prompt_tokens"], self.info["template"])[0]
+
+    def train_prompts(self, indices: list[int]) -> list[list[int]]:
+        return [self.prompt(self.train_posts[i]) for i in indices]
+
+    def eval_items(self, rank: int, world_size: int) -> list[tldr.Post]:
+        return self.eval_posts[rank::world_size]
+
+    @torch.no_grad()
+    def respond(self, policy: GPT, query: torch.Tensor, query_mask: torch.Tensor, temperature: float,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Responses (B, N) and their 0/1 mask: sampled with the KV cache (temperature 0: greedy), cut
+        after the first EOS (PAD_ID after it)."""
+        tokens, _, mask = policy.generate(query, query_mask, max_new_tokens=self.cfg.response_length,
+                                          temperature=temperature, generator=generator)
+        return tokens, mask
+
+    def score(self, query, query_mask, response, response_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores the PPO rewards use, the reward source's raw scores), both (B,)."""
+        raw = self.reward(torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1))
+        ended = ((response == EOS_ID) & response_mask.bool()).any(1)
+        return torch.where(ended, raw, torch.full_like(raw, self.cfg.missing_eos_score)), raw
+
+    def quality(self, posts: list[tldr.Post], texts: list[str]) -> dict[str, list[float]]:
+        """Per-item quality measures beyond the reward: the gold score on generated data."""
+        return {"gold": tldr.gold_scores(posts, texts)} if self.gold else {}
+
+    def show(self, query: list[int], response_text: str, width: int = 160) -> str:
+        text = get_tokenizer().decode(query)
+        text = text if len(text) <= width else "..." + text[-width:]
+        return f"{text!r} -> {response_text!r}"
+
+    def checkpoint_extra(self) -> dict:
+        return {"tldr": self.info}
+
+
+# A task whose action is not a sequence of tokens (hellaswag --reward label: a choice among 4 endings)
+# also brings `rollout(...)` and `policy_and_value(policy, value)`; a task with its own benchmark brings
+# `evaluate(policy, ref) -> record`. Each class loads its starting policy with `load_policy(cfg, resume)`.
+TASKS = {"tldr": TldrTask, "hellaswag": hellaswag_task.HellaswagTask}
+
+
+def use_gold(mode: str, data: str) -> bool:
+    """Whether to report the gold score: `auto` when the posts come from synthetic.py (its manifest.json
+    beside or above the split files: the gold score means nothing on real posts), `on`, `off`."""
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"--gold must be auto, on or off, not {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    path = Path(data)
+    return path.exists() and any((d / "manifest.json").is_file() for d in (path, path.parent))
+
+
+def response_texts(response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    """Decoded responses up to their EOS."""
+    return [tldr.decode_summary(row[m.bool()].tolist()) for row, m in zip(response.cpu(), mask.cpu())]
+
+
+def pad_cat(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
+    """Concatenate (b, n_i) chunks along rows, right-padding each to the longest n_i."""
+    n = max(c.size(1) for c in chunks)
+    return torch.cat([torch.nn.functional.pad(c, (0, n - c.size(1)), value=value) for c in chunks])
+
+
+def chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+# -----------------------------------------------------------------------------
+# rollout and evaluation
+
+@dataclass
+class Rollout:
+    """One rank's share of a PPO step: prompt + response tokens and everything PPO computes on them."""
+    idx: torch.Tensor           # (B, T0 + N) left-padded prompts, then right-padded responses
+    attention_mask: torch.Tensor  # (B, T0 + N)
+    start: int                  # T0: where responses begin
+    mask: torch.Tensor          # (B, N) float: real response tokens (EOS included)
+    logprobs: torch.Tensor      # (B, N) policy log-probs at the rollout temperature
+    ref_logprobs: torch.Tensor  # (B, N) reference log-probs at the same temperature
+    values: torch.Tensor        # (B, N) value of the state before each response token
+    scores: torch.Tensor        # (B,) reward-model score, or the missing-EOS score
+    raw_scores: torch.Tensor    # (B,) reward-model score as given
+    entropy: torch.Tensor       # (B, N) entropy of the policy's sampling distribution
+
+    @property
+    def response(self) -> torch.Tensor:
+        return self.idx[:, self.start:]
+
+    @property
+    def actions(self) -> torch.Tensor:
+        """(B, N) what the policy chose at each step: the response tokens."""
+        return self.response
+
+    def forward_args(self, rows: torch.Tensor) -> tuple:
+        """Arguments of the policy+value forward for these rows."""
+        return self.idx[rows], self.attention_mask[rows], self.start
+
+    def show(self, task, i: int) -> str:
+        query = self.idx[i, :self.start][self.attention_mask[i, :self.start].bool()].tolist()
+        return task.show(query, response_texts(self.response[i:i + 1].cpu(), self.mask[i:i + 1].cpu())[0])
+
+
+@torch.no_grad()
+def rollout(task, prompts: list[list[int]], policy: GPT, pv: nn.Module, ref: GPT, cfg: Config, rt,
+            generator: torch.Generator) -> tuple[Rollout, dict]:
+    """Sample responses with `policy`, then one forward per model over prompt + response with logits at
+    response positions only: policy log-probs and values (one pass through `pv`, the PolicyAndValue forward
+    the update uses, so that the first ratio is exactly 1), reference log-probs, scores."""
+    query, query_mask = (t.to(rt.device) for t in tldr.left_pad(prompts, PAD_ID))
+    B, T0 = query.shape
+    t0 = time.time()
+    responses, masks = [], []
+    for c in chunks(B, cfg.gen_batch or B):
+        with rt.autocast():
+            tokens, mask = task.respond(policy, query[c], query_mask[c], cfg.temperature, generator)
+        responses.append(tokens)
+        masks.append(mask)
+    response, response_mask = pad_cat(responses, PAD_ID), pad_cat(masks, 0)
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+    t_gen = time.time() - t0
+
+    t0 = time.time()
+    idx, attention_mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+    out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores", "raw_scores")}
+    for c in chunks(B, cfg.micro_batch):
+        real = response_mask[c].bool()
+        with rt.autocast():
+            logits, values = pv(idx[c], attention_mask[c], T0)
+            ref_logits = response_logits(ref, idx[c], attention_mask[c], T0)
+        logp, logp_all = token_logprobs(logits, response[c][real], cfg.temperature)
+        out["logprobs"].append(unflatten(logp, real))
+        out["entropy"].append(unflatten(entropy(logp_all), real))
+        del logits, logp_all
+        out["ref_logprobs"].append(unflatten(token_logprobs(ref_logits, response[c][real], cfg.temperature)[0], real))
+        out["values"].append(values.float())
+        scores, raw = task.score(query[c], query_mask[c], response[c], response_mask[c])
+        out["scores"].append(scores)
+        out["raw_scores"].append(raw)
+    mask = response_mask.float()
+    out = {k: torch.cat(v) for k, v in out.items()}
+    out["values"] = masked(out["values"], mask)  # padding carries nothing
+    if rt.device_type == "cuda":
+        torch.cuda.synchronize()
+    timing = {"t_gen": t_gen, "t_score": time.time() - t0, "gen_tokens": mask.sum().item()}
+    return Rollout(idx=idx, attention_mask=attention_mask, start=T0, mask=mask, **out), timing
+
+
+@torch.no_grad()
+def path_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(policy || reference) of the full next-token distributions along given responses, summed over
+    each response: (B,) from (K, V) logits at its real tokens. Exact per position (no sampling estimate),
+    at the rollout temperature."""
+    logp, ref_logp = sampling_logprobs(logits, temperature), sampling_logprobs(ref_logits, temperature)
+    kl = (logp.exp() * (logp - ref_logp).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # (K,)
+    return unflatten(kl, mask).sum(1)
+
+
+@torch.no_grad()
+def greedy_responses(task, model: GPT, ref: GPT, posts: list, cfg: Config, rt) -> dict:
+    """Greedy responses of `model` to `posts` with their scores, texts, path KL to the reference and
+    the task's quality measures; lists, one item per post."""
+    out = {"scores": [], "raw_scores": [], "kl": [], "texts": [], "ended": [], "length": []}
+    for c in chunks(len(posts), cfg.gen_batch or max(1, len(posts))):
+        query, query_mask = (t.to(rt.device) for t in tldr.left_pad([task.prompt(p) for p in posts[c]], PAD_ID))
+        T0 = query.size(1)
+        with rt.autocast():
+            response, response_mask = task.respond(model, query, query_mask, 0.0)
+        scores, raw = task.score(query, query_mask, response, response_mask)
+        out["scores"] += scores.tolist()
+        out["raw_scores"] += raw.tolist()
+        if model is ref:  # the SFT baseline: KL 0 by definition
+            out["kl"] += [0.0] * len(scores)
+        else:
+            idx, am = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+            with rt.autocast():
+                logits, ref_logits = response_logits(model, idx, am, T0), response_logits(ref, idx, am, T0)
+            out["kl"] += path_kl(logits, ref_logits, response_mask.float(), cfg.temperature).tolist()
+        out["texts"] += response_texts(response.cpu(), response_mask.cpu())
+        out["ended"] += ((response == EOS_ID) & response_mask.bool()).any(1).float().tolist()
+        out["length"] += response_mask.sum(1).float().tolist()
+    out.update(task.quality(posts, out["texts"]))
+    return out
+
+
+def global_means(values: dict[str, list[float]], device) -> dict[str, float]:
+    """Means over every rank of per-item lists (all with the same number of items)."""
+    keys = sorted(values)
+    n = len(values[keys[0]]) if keys else 0
+    sums = all_reduce_sum(torch.tensor([sum(values[k]) for k in keys] + [n], dtype=torch.float64, device=device))
+    count = max(1.0, sums[-1].item())
+    return {k: sums[i].item() / count for i, k in enumerate(keys)}
+
+
+@torch.no_grad()
+def evaluate(task, policy: GPT, ref: GPT, baseline: dict, cfg: Config, rt) -> dict:
+    """Greedy summaries of the held-out posts: mean score, KL to the reference, win rate against the
+    SFT model's summaries of the same posts as judged by the reward source, response length, EOS share,
+    and gold scores (policy and SFT) when the task has them."""
+    posts = task.eval_items(rt.rank, rt.world_size)
+    mine = greedy_responses(task, policy, ref, posts, cfg, rt)
+    wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine["scores"], baseline["scores"])]
+    per_item = {"eval_score": mine["scores"], "eval_rm_score": mine["raw_scores"], "eval_kl": mine["kl"],
+                "eval_win_rate": wins, "eval_length": mine["length"], "eval_eos": mine["ended"],
+                "sft_score": baseline["scores"]}
+    if "gold" in mine:
+        per_item.update(eval_gold=mine["gold"], sft_gold=baseline["gold"])
+    record = global_means(per_item, rt.device)
+    record["eval_samples"] = [{"post": p.post[-200:], "summary": t} for p, t in zip(posts[:2], mine["texts"][:2])]
+    return record
+
+
+# -----------------------------------------------------------------------------
+# update: ppo_epochs x num_minibatches optimizer steps on one rollout
+
+def ppo_update(model: nn.Module, optimizer, scaler, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
+               cfg: Config, rt, step: int, generator: torch.Generator) -> dict:
+    """Returns the mean stats over every minibatch and rank; stops with a UserError naming the step when a
+    loss is not finite or the approx KL to the rollout policy exceeds --max-approx-kl."""
+    B = ro.mask.size(0)
+    mb_size = B // cfg.num_minibatches
+    names = ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "grad_norm")
+    totals = torch.zeros(len(names), dtype=torch.float64)
+    n_updates = 0
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=generator).to(rt.device)
+        for mb in range(cfg.num_minibatches):
+            rows = order[mb * mb_size:(mb + 1) * mb_size]
+            denom = ro.mask[rows].sum().clamp(min=1)  # real tokens of this minibatch on this rank
+            optimizer.zero_grad(set_to_none=True)
+            sums = torch.zeros(len(names) - 1, device=rt.device)
+            micro = chunks(len(rows), cfg.micro_batch)
+            for i, c in enumerate(micro):
+                r = rows[c]
+                # gradients are all-reduced only on the last micro-step; the choice is made before the forward
+                sync = not rt.ddp or i == len(micro) - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    real = ro.mask[r].bool()
+                    with rt.autocast():
+                        logits, values = model(*ro.forward_args(r))
+                    logp = unflatten(token_logprobs(logits, ro.actions[r][real], cfg.temperature)[0], real)
+                    del logits
+                    pg, pg_stats = policy_loss(logp, ro.logprobs[r], advantages[r], ro.mask[r], cfg.cliprange, denom)
+                    vf, vf_stats = value_loss(values.float(), ro.values[r], returns[r], ro.mask[r],
+                                              cfg.cliprange_value, denom)
+                    loss = pg + cfg.vf_coef * vf
+                    scaler.scale(loss).backward()
+                sums += torch.stack([pg.detach(), vf.detach(), pg_stats["clipfrac"], vf_stats["vf_clipfrac"],
+                                     pg_stats["approx_kl"], pg_stats["ratio"]])
+            sums = all_reduce_sum(sums) / rt.world_size
+            check_update(sums, dict(zip(names, range(len(names)))), cfg, step, epoch, mb)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            totals += torch.cat([sums.double().cpu(), grad_norm.detach().double().cpu().reshape(1)])
+            n_updates += 1
+    return {k: v / n_updates for k, v in zip(names, totals.tolist())}
+
+
+def check_update(sums: torch.Tensor, at: dict, cfg: Config, step: int, epoch: int, mb: int):
+    where = f"step {step} (epoch {epoch}, minibatch {mb})"
+    for name, what in (("pg_loss", "policy loss"), ("vf_loss", "value loss")):
+        v = sums[at[name]].item()
+        if not math.isfinite(v):
+            raise UserError(f"{what} is {v} at {where}: training diverged; resume from the last checkpoint with "
+                            f"a lower --lr, or use --dtype float32/bfloat16")
+    kl = sums[at["approx_kl"]].item()
+    if cfg.max_approx_kl and kl > cfg.max_approx_kl:
+        raise UserError(f"approx KL between the policy and its rollout policy is {kl:.3g} at {where}, above "
+                        f"--max-approx-kl {cfg.max_approx_kl}: the update is too large; lower --lr or --ppo-epochs")
+
+
+# -----------------------------------------------------------------------------
+# setup helpers
+
+def check_config(cfg: Config, world_size: int):
+    if cfg.task not in TASKS:
+        raise UserError(f"unknown --task {cfg.task!r}; choose from {', '.join(TASKS)}")
+    positive = {"response_length": cfg.response_length, "rollout_batch": cfg.rollout_batch,
+                "num_minibatches": cfg.num_minibatches, "micro_batch": cfg.micro_batch,
+                "ppo_epochs": cfg.ppo_epochs, "max_steps": cfg.max_steps, "lr": cfg.lr, "temperature": cfg.temperature,
+                "eval_prompts": cfg.eval_prompts, "kl_horizon": cfg.kl_horizon}
+    for name, value in positive.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    non_negative = {"max_prompt_tokens": cfg.max_prompt_tokens, "gen_batch": cfg.gen_batch, "kl_coef": cfg.kl_coef,
+                    "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "cliprange": cfg.cliprange,
+                    "cliprange_value": cfg.cliprange_value, "vf_coef": cfg.vf_coef, "eval_every": cfg.eval_every,
+                    "sample_every": cfg.sample_every, "sample_rows": cfg.sample_rows, "save_every": cfg.save_every,
+                    "stop_at": cfg.stop_at, "max_approx_kl": cfg.max_approx_kl}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
+        raise UserError(f"--gamma and --lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
+    if cfg.adaptive_kl and cfg.kl_target <= 0:
+        raise UserError(f"--kl-target must be positive with --adaptive-kl, got {cfg.kl_target}")
+    per_rank = cfg.rollout_batch // world_size
+    if cfg.rollout_batch % world_size or per_rank % cfg.num_minibatches:
+        raise UserError(f"--rollout-batch {cfg.rollout_batch} must split evenly over {world_size} rank(s) and then "
+                        f"--num-minibatches {cfg.num_minibatches}")
+
+
+def load_policy(cfg: Config, resume: dict | None) -> tuple[GPT, GPT, dict]:
+    """(policy, frozen reference, prompt info): the reference is always the SFT model; the policy is the
+    SFT model or, on --resume, the checkpoint's."""
+    sft = load_checkpoint(cfg.sft, POLICY_STAGES, "cpu", cfg.ckpt_dir)
+    info = dict(sft.get("tldr") or tldr.template_info())
+    ref = frozen(lm_from_checkpoint(sft))
+    policy = lm_from_checkpoint(resume if resume is not None else sft)
+    if resume is not None and resume.get("tldr", {}).get("template") != info["template"]:
+        raise UserError(f"{cfg.ckpt} was trained with another prompt template than {cfg.sft}")
+    if cfg.max_prompt_tokens:
+        info["max_prompt_tokens"] = cfg.max_prompt_tokens
+    if info["max_prompt_tokens"] + cfg.response_length > ref.config.block_size:
+        raise UserError(f"prompt budget + --response-length ({info['max_prompt_tokens']} + {cfg.response_length} "
+                        f"tokens) exceed the model's block size {ref.config.block_size}; lower --max-prompt-tokens")
+    return policy, ref, info
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed per (run seed, step, rank): rollouts and shuffles do not depend on what ran before, so a
+    resumed run draws exactly what the straight run drew."""
+    return (seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
+
+
+def main(cfg: Config) -> dict:
+    # --- config
+    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    check_config(cfg, rt.world_size)
+    ckpt_path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
+    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
+
+    # --- models: 1. policy and frozen reference from SFT, reward source, value model from the reward model
+    resume = load_checkpoint(ckpt_path, STAGE, "cpu") if cfg.resume else None
+    policy, ref, info = TASKS[cfg.task].load_policy(cfg, resume)
+    ref.to(rt.device)
+    task = TASKS[cfg.task](cfg, info, rt)
+    if resume is not None:
+        value = ScoreModel(GPTConfig.from_dict({**resume["value_config"], "dropout": 0.0}))
+        value.load_state_dict(resume["value_model"])
+    else:
+        value = task.reward.value_model()
+    if value.config.block_size < info["max_prompt_tokens"] + cfg.response_length:
+        raise UserError(f"the value/reward model's block size {value.config.block_size} is below prompt budget + "
+                        f"--response-length ({info['max_prompt_tokens']} + {cfg.response_length})")
+    pv = (task.policy_and_value(policy, value) if hasattr(task, "policy_and_value")
+          else PolicyAndValue(policy, value)).to(rt.device)
+
+    # --- data: prompts in an order shuffled per epoch, each rank rolling out its slice of every batch
+    if len(task) < cfg.rollout_batch:
+        raise UserError(f"only {len(task)} {cfg.train_split} prompts, fewer than one --rollout-batch {cfg.rollout_batch}")
+    loader = tldr.EpochSampler(len(task), cfg.seed, rt.rank, rt.world_size)
+
+    # --- optimizer and schedule: AdamW over policy and value together, lr decayed linearly to 0
+    optimizer = GPT.configure_optimizers(pv, cfg.weight_decay, cfg.lr, (0.9, 0.999), rt.device_type, eps=cfg.adam_eps)
+    scaler = rt.grad_scaler()
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    start_step, metrics = 0, {}
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if "scaler" in resume and scaler.is_enabled():
+            scaler.load_state_dict(resume["scaler"])
+        loader.load_state_dict(resume["data_state"])
+        set_rng_state(resume["rng"])
+        kl_ctl.value = float(resume["kl_coef"])
+        start_step, metrics = resume["step"], dict(resume["metrics"])
+    fwd = torch.compile(pv, dynamic=True) if use_compile else pv   # rollout and update share one forward
+    model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
+                broadcast_buffers=False) if rt.ddp else fwd
+    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
+    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
+                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
+    print0(f"ppo: task {cfg.task}, reward {cfg.reward}, policy {policy.num_params() / 1e6:.2f}M params, "
+           f"{rt.world_size} process(es) on {rt.device_type}, {str(rt.dtype).removeprefix('torch.')}, "
+           f"{cfg.rollout_batch} rollouts/step x {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
+           f"{len(task):,} prompts, steps {start_step}->{end} of {cfg.max_steps}, compile {'on' if use_compile else 'off'}")
+    if start_step:
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+    if start_step >= end:
+        print0(f"nothing to do: the checkpoint is at step {start_step}")
+        return metrics
+
+    baseline: dict = {}
+
+    def run_eval(step: int):
+        if hasattr(task, "evaluate"):  # a task with its own benchmark (hellaswag: accuracy on the val split)
+            record, samples = task.evaluate(policy, ref), []
+        else:
+            if not baseline:  # the SFT model's greedy summaries: computed once, the reference never changes
+                baseline.update(greedy_responses(task, ref, ref, task.eval_items(rt.rank, rt.world_size), cfg, rt))
+            record = evaluate(task, policy, ref, baseline, cfg, rt)
+            samples = record.pop("eval_samples")
+        logger.log(record, step, kind="eval")
+        if rt.master:
+            for s in samples:
+                print0(f"eval sample: ...{s['post'][-80:]!r} -> {s['summary']!r}")
+        metrics.update(record)
+
+    def save(step: int):
+        if rt.master:
+            save_checkpoint(ckpt_path, stage=STAGE, model=policy, step=step, config=cfg, metrics=metrics,
+                            optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state(),
+                            value_model=model_state_dict(value), value_config=asdict(value.config),
+                            kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
+            print0(f"saved {ckpt_path} (step {step})")
+
+    # --- loop
+    if start_step == 0:
+        run_eval(0)
+    for step in range(start_step, end):
+        t_step = time.time()
+        # 2. rollouts: this rank's share of the prompts, sampled at the rollout temperature
+        gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.seed, step, rt.rank))
+        prompts = task.train_prompts(loader.next_indices(cfg.rollout_batch // rt.world_size))
+        pv.eval()
+        ro, timing = (task.rollout if hasattr(task, "rollout") else partial(rollout, task))(
+            prompts, policy, fwd, ref, cfg, rt, gen)
+        bad = all_reduce_sum(torch.stack([(~torch.isfinite(ro.raw_scores)).sum(), (~torch.isfinite(ro.values)).sum()]))
+        if bad.sum() > 0:  # decided on every rank alike, so that no rank waits for another forever
+            raise UserError(f"the {'reward' if bad[0] else 'value'} model returned non-finite scores at step {step}")
+
+        # 3. rewards: per-token KL penalty, the score at the last response token
+        rewards, kl = kl_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, kl_ctl.value)
+        # 4. advantages: GAE, whitened over the real tokens of every rank
+        advantages, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, ro.mask)
+
+        # 5. update: ppo_epochs x num_minibatches clipped policy + value steps
+        t0 = time.time()
+        lr = cfg.lr * (1.0 - step / cfg.max_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pv.train()
+        shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, step, rt.rank))
+        stats = ppo_update(model, optimizer, scaler, ro, advantages, returns, cfg, rt, step, shuffle)
+        t_update = time.time() - t0
+
+        # 6. log, adapt beta
+        n = torch.tensor(float(ro.mask.size(0)), device=rt.device)
+        seq = all_reduce_sum(torch.stack([n, ro.scores.sum(), (ro.scores ** 2).sum(), ro.raw_scores.sum(),
+                                          kl.sum(), ro.mask.sum(), ((ro.response == EOS_ID) & ro.mask.bool()).any(1).float().sum(),
+                                          torch.tensor(timing["gen_tokens"], device=rt.device)]).double())
+        n_all, s, s2, raw, kl_sum, tokens, ended, gen_tokens = seq.tolist()
+        score_mean = s / n_all
+        kl_mean = kl_sum / n_all
+        record = {"score": score_mean, "score_std": math.sqrt(max(0.0, s2 / n_all - score_mean ** 2)),
+                  "rm_score": raw / n_all, "kl": kl_mean, "kl_coef": kl_ctl.value,
+                  "entropy": masked_mean(ro.entropy, ro.mask).item(), **stats,
+                  "explained_var": explained_variance(ro.values, returns, ro.mask),
+                  "resp_len": tokens / n_all, "eos_rate": ended / n_all, "lr": lr,
+                  "gen_tok_per_s": gen_tokens / max(timing["t_gen"], 1e-9), "t_gen": timing["t_gen"],
+                  "t_score": timing["t_score"], "t_update": t_update, "dt": time.time() - t_step}
+        logger.log(record, step)
+        kl_ctl.update(kl_mean, cfg.rollout_batch)
+        metrics.update(score=score_mean, kl=kl_mean, step=step + 1)
+
+        if rt.master and cfg.sample_every and cfg.sample_rows and step % cfg.sample_every == 0:
+            rows = min(cfg.sample_rows, ro.mask.size(0))
+            table = []
+            for i in range(rows):
+                table.append({"score": ro.scores[i].item(), "sample": ro.show(task, i)})
+                print0(f"  sample {i} | score {ro.scores[i].item():+.3f} | {table[-1]['sample']}")
+            logger.log({"samples": table}, step, kind="sample", echo=False)
+
+        done = step + 1
+        if done == end or (cfg.eval_every and done % cfg.eval_every == 0):
+            run_eval(done)
+        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+            save(done)
+    logger.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    cli_main(main, Config, PRESETS)

@@ -1,0 +1,148 @@
+"""bench.py: the tiny run writes every field, the two sides really compute the same thing, and the
+timing helpers alternate and summarise as documented. No timing assertions: speed is what bench.py
+reports, not what a shared CI machine can promise."""
+import json
+
+import pytest
+
+import bench
+from common import UserError, config_from
+from conftest import run_script
+
+RATE_FIELDS = {"unit", "work_per_run", "runs", "seconds", "median_s", "min_s", "max_s", "per_s", "per_s_min",
+               "per_s_max"}
+RATIO_FIELDS = {"median", "min", "max"}
+
+
+def test_tiny_run_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread: tests share the machine, and oversubscribed OpenMP threads wait on each other
+    proc = run_script(["bench.py", "--preset", "tiny", "--threads", "1", "--out", out], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for heading in ("**Training step**", "**Generation**", "**HellaSwag**", "**PPO step**"):
+        assert heading in proc.stdout
+    r = json.loads(out.read_text())
+    assert {"device", "cpu", "cpu_cores", "torch", "transformers", "load_average_at_start",
+            "load_average_at_end"} <= set(r["machine"]) and r["machine"]["torch_threads"] == 1
+    assert r["config"]["preset"] == "tiny" and r["model"]["n_layer"] == 2 and r["model"]["params"] > 0
+
+    train = r["train"]
+    assert set(train["variants"]) == {"fp32"}  # CPU: fp32 only
+    row = train["variants"]["fp32"]
+    for side in ("ours", "hf"):
+        assert RATE_FIELDS | {"step_ms", "mfu"} <= set(row[side]) and row[side]["runs"] == 1
+        assert row[side]["mfu"] is None  # no MFU without a GPU peak
+    assert set(row["ratio"]) == RATIO_FIELDS
+    # same weights, batch and optimizer: the two implementations follow the same loss trajectory
+    assert len(row["losses_ours"]) == len(row["losses_hf"]) == 2  # warm-up + one timed step
+    assert row["max_loss_diff"] < 1e-4 and row["losses_ours"][1] < row["losses_ours"][0]
+
+    gen = r["generate"]
+    assert set(gen["batches"]) == {"1", "8"} and gen["new_tokens"] == 16
+    for row in gen["batches"].values():
+        for side in ("ours", "hf", "no_cache"):
+            assert RATE_FIELDS <= set(row[side])
+        assert set(row["ratio_vs_hf"]) == set(row["ratio_vs_no_cache"]) == RATIO_FIELDS
+        # greedy decoding of the same weights: all three make the same tokens
+        assert row["agree_hf"] == 1.0 and row["agree_no_cache"] == 1.0
+
+    hs = r["hellaswag"]
+    assert hs["rows"] == 8 and RATE_FIELDS <= set(hs["batched"]) and RATE_FIELDS <= set(hs["one_by_one"])
+    assert set(hs["ratio"]) == RATIO_FIELDS
+    assert hs["acc_batched"] == hs["acc_one_by_one"]  # batching changes speed, never the scores
+
+    ppo = r["ppo"]
+    assert ppo["steps"] == 1 and ppo["rollouts"] == 4 and ppo["response_tokens"] == 8
+    for part in ("rollout", "scoring", "update"):
+        assert len(ppo[part]["seconds"]) == 1 and ppo[part]["median_s"] > 0
+    assert ppo["total_median_s"] == pytest.approx(sum(ppo[p]["median_s"] for p in ("rollout", "scoring", "update")))
+    assert 0 < ppo["rollout_share"] < 1 and ppo["gen_tok_per_s"] > 0
+    assert [t["key"] for t in r["targets"]] == [".".join(path) for path, _, _ in bench.TARGETS]
+    assert all(t["value"] is not None and t["met"] == (t["value"] >= t["target"]) for t in r["targets"])
+
+
+def test_race_alternates_sides_and_excludes_warmup(monkeypatch):
+    clock = {"t": 0.0}
+    calls = []
+
+    def side(name, seconds):
+        def run():
+            calls.append(name)
+            clock["t"] += seconds
+        return run
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock["t"])
+    seconds = bench.race({"a": side("a", 1.0), "b": side("b", 3.0)}, repeats=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
+    assert seconds == {"a": [1.0, 1.0, 1.0], "b": [3.0, 3.0, 3.0]}
+
+
+def test_rate_stats_and_paired_ratio_by_hand():
+    st = bench.rate_stats([2.0, 1.0, 4.0], work=8, unit="tokens")
+    assert (st["median_s"], st["per_s"], st["per_s_min"], st["per_s_max"], st["runs"]) == (2.0, 4.0, 2.0, 8.0, 3)
+    # per-round ratios slow/fast: 3, 1, 2 -> median 2; a slow round of both sides cancels out
+    assert bench.paired_ratio([1.0, 2.0, 10.0], [3.0, 2.0, 20.0]) == {"median": 2.0, "min": 1.0, "max": 3.0}
+
+
+def test_check_targets_reads_medians_and_marks_missing_parts():
+    results = {"train": {"variants": {"fp32": {"ratio": {"median": 1.2, "min": 0.9, "max": 1.3}}}},
+               "generate": {"batches": {"8": {"ratio_vs_hf": {"median": 1.4}, "ratio_vs_no_cache": {"median": 9.0}}}}}
+    got = {t["key"]: (t["value"], t["met"]) for t in bench.check_targets(results)}
+    assert got == {"train.variants.fp32.ratio": (1.2, True), "generate.batches.8.ratio_vs_hf": (1.4, False),
+                   "generate.batches.8.ratio_vs_no_cache": (9.0, True),
+                   "generate.batches.1.ratio_vs_no_cache": (None, None), "hellaswag.ratio": (None, None)}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"sections": ["rlhf"]}, "unknown section"),
+    ({"variants": ["fp8"]}, "unknown variant"),
+    ({"seq_len": 4096}, "--seq-len"),
+    ({"repeats": 0}, "positive"),
+])
+def test_user_errors_before_any_work(overrides, message):
+    cfg = config_from(bench.Config, bench.PRESETS, "tiny", **overrides)
+    with pytest.raises(UserError, match=message):
+        bench.main(cfg)
+
+
+# --- the speed changes bench.py motivated in model.py keep the maths -----------------------------
+
+def test_lean_cross_entropy_matches_torch_value_and_gradient():
+    import torch
+    import torch.nn.functional as F
+    from model import cross_entropy
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 103, generator=g)
+    logits[:, 100:] = float("-inf")  # padded vocabulary slots, as the model's
+    targets = torch.randint(0, 100, (37,), generator=g)
+    targets[::5] = -1
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = logits.to(dtype).clone().requires_grad_()
+        ref = logits.to(dtype).clone().requires_grad_()
+        loss = cross_entropy(ours, targets)
+        ref_loss = F.cross_entropy(ref.float(), targets, ignore_index=-1)
+        (2.5 * loss).backward()
+        (2.5 * ref_loss).backward()
+        torch.testing.assert_close(loss, ref_loss)
+        assert ours.grad.dtype == dtype and (ours.grad[::5] == 0).all()
+        torch.testing.assert_close(ours.grad, ref.grad)
+    # its backward reuses the saved buffer: a second backward must fail loudly, never be wrong
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_logits_with_and_without_autograd_agree(tiny_config):
+    import torch
+    from model import GPT, TOKENIZER_VOCAB
+    torch.manual_seed(0)
+    model = GPT(tiny_config)
+    x = torch.randn(3, 5, tiny_config.n_embd)
+    train_path = model.logits(x)                      # addmm with the -inf bias
+    with torch.no_grad():
+        eval_path = model.logits(x)                   # matmul, padded columns overwritten
+    assert train_path.requires_grad and not eval_path.requires_grad
+    torch.testing.assert_close(train_path.detach(), eval_path)
+    assert torch.isinf(eval_path[..., TOKENIZER_VOCAB:]).all() and torch.isfinite(eval_path[..., :TOKENIZER_VOCAB]).all()
