@@ -82,7 +82,7 @@ PRESETS = {
                  hellaswag_rows=32, hellaswag_batch=8, repeats=5, warmup=1),
 }
 
-# Targets of issue 10 (CPU): (where the paired ratio is in the results, minimum, what it compares)
+# Speed targets on a CPU: (where the paired ratio is in the results, minimum, what it compares)
 TARGETS = [
     (("train", "variants", "fp32", "ratio"), 1.0, "training step: ours / transformers tokens/s"),
     (("generate", "batches", "8", "ratio_vs_hf"), 1.5, "generation at batch 8: ours / transformers generate"),

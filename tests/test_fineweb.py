@@ -60,7 +60,7 @@ def test_jsonl_shards_are_the_encodings_with_one_eos_per_document(straight):
     src, out, r = straight
     paths, shards = read_shards(out)
     expected = expected_tokens(DOCS)
-    # the count the issue asks for, then the exact content, order and layout
+    # the token count (encodings plus one EOS per document), then the exact content, order and layout
     assert sum(len(s) for s in shards) == sum(len(get_tokenizer().encode_ordinary(d)) for d in DOCS) + len(DOCS)
     assert np.array_equal(np.concatenate(shards), expected)
     assert all(s.dtype == np.uint16 for s in shards)
