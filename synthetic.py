@@ -734,8 +734,11 @@ def make_hellaswag(seed: int = 0, num: int = 1000, split: str = "val") -> list[d
         key = rng.choice(sorted(zeroshot) if is_zeroshot else indomain)
         problem = PROBLEMS[key]
         correct = rng.choice(problem.actions)
-        same_sub = [a for k, p in sorted(PROBLEMS.items()) if k != key and p.subreddit == problem.subreddit for a in p.actions]
-        other_sub = [a for k, p in sorted(PROBLEMS.items()) if p.subreddit != problem.subreddit for a in p.actions]
+        # train rows never mention a held-out problem's actions, not even as wrong endings: zero-shot
+        # rows then test what pretraining taught, not what the train split taught to avoid
+        known = {k: p for k, p in sorted(PROBLEMS.items()) if split != "train" or k not in zeroshot}
+        same_sub = [a for k, p in known.items() if k != key and p.subreddit == problem.subreddit for a in p.actions]
+        other_sub = [a for k, p in known.items() if p.subreddit != problem.subreddit for a in p.actions]
         wrong = [rng.choice(same_sub or other_sub), rng.choice(other_sub), rng.choice(OFF_TOPIC_ACTIONS)]
         slots = sample_slots(rng, key)
         if rng.random() < 0.7:

@@ -229,8 +229,13 @@ def test_hellaswag_follows_the_world_logic():
             assert sum(p in problems for p in ending_problems) == 1  # and the other three are not
             assert len(set(row["endings"])) == 4
     zeroshot = S.zeroshot_problems(0)
-    train_labels = {r["activity_label"] for r in S.make_hellaswag(seed=0, num=300, split="train")}
-    assert not train_labels & {S.PROBLEMS[p].activity for p in zeroshot}
+    train = S.make_hellaswag(seed=0, num=300, split="train")
+    assert not {r["activity_label"] for r in train} & {S.PROBLEMS[p].activity for p in zeroshot}
+    # held-out problems' actions appear in no train ending, right or wrong; they do in val's wrong endings
+    assert not {S.action_problem(e) for r in train for e in r["endings"]} & zeroshot
+    val_wrong = {S.action_problem(e) for r in S.make_hellaswag(seed=0, num=300, split="val")
+                 for i, e in enumerate(r["endings"]) if i != r["label"]}
+    assert val_wrong & zeroshot
 
 
 def test_bad_sizes_are_user_errors(tmp_path, capsys):
