@@ -127,7 +127,7 @@ def test_whitening_statistics_are_global_over_two_gloo_processes(tmp_path):
     mp.spawn(_whiten_worker, args=(port, str(tmp_path)), nprocs=2)
     values = torch.tensor([1.0, 2.0, 7.0, 4.0, 10.0, -3.0])  # the real tokens of both ranks
     expected = (values - values.mean()) / values.std()
-    got0, got1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    got0, got1 = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
     torch.testing.assert_close(torch.cat([got0[0], got0[1, :1], got1[0, :2]]), expected, atol=1e-5, rtol=0)
     assert got0[1, 1:].abs().sum() == 0 and got1[0, 2] == 0
 
