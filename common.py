@@ -374,6 +374,28 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_training_state(ckpt: dict, optimizer, scaler, data) -> None:
+    """Continue exactly where a checkpoint stopped: optimizer moments, GradScaler scale, the data
+    position (`data` has load_state_dict) and every RNG."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    data.load_state_dict(ckpt["data_state"])
+    set_rng_state(ckpt["rng"])
+
+
+def prepare_for_training(model: torch.nn.Module, rt, use_compile: bool, dynamic: bool = False,
+                         **ddp_kwargs) -> torch.nn.Module:
+    """The module the training loop calls: compiled when asked, then DDP-wrapped under torchrun.
+    Evaluation and saving keep using the plain module."""
+    if use_compile:
+        model = torch.compile(model, dynamic=dynamic or None)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **ddp_kwargs)
+    return model
+
+
 def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag_task
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, get_tokenizer, load_checkpoint,
-                    model_state_dict, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state)
+                    model_state_dict, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
+                    save_checkpoint)
 from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, last_real_index, sampling_logprobs
 from reward_model import load_reward_model
 
@@ -694,16 +694,11 @@ def main(cfg: Config) -> dict:
     kl_ctl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     start_step, metrics = 0, {}
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if "scaler" in resume and scaler.is_enabled():
-            scaler.load_state_dict(resume["scaler"])
-        loader.load_state_dict(resume["data_state"])
-        set_rng_state(resume["rng"])
+        restore_training_state(resume, optimizer, scaler, loader)
         kl_ctl.value = float(resume["kl_coef"])
         start_step, metrics = resume["step"], dict(resume["metrics"])
     fwd = torch.compile(pv, dynamic=True) if use_compile else pv   # rollout and update share one forward
-    model = DDP(fwd, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None,
-                broadcast_buffers=False) if rt.ddp else fwd
+    model = prepare_for_training(fwd, rt, use_compile=False, broadcast_buffers=False)
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
                        wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)

@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, get_tokenizer, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state)
+                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
+                    rng_state, save_checkpoint)
 from model import EOS_ID, GPT, MODEL_PRESETS, build_model, model_config
 
 STAGE = "pretrain"
@@ -318,16 +318,9 @@ def main(cfg: Config) -> dict:
     scaler = rt.grad_scaler()
     start_step, metrics = 0, {"skipped_steps": 0}
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["data_state"])
-        set_rng_state(ckpt["rng"])
+        restore_training_state(ckpt, optimizer, scaler, loader)
         start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
-    if use_compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = prepare_for_training(model, rt, use_compile)
 
     # --- schedule
     end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, grad_accum_steps, load_checkpoint,
-                    lr_at, mfu, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state, unwrap)
+                    lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
+                    save_checkpoint, unwrap)
 from model import GPT, PAD_ID, GPTConfig, ScoreModel
 
 STAGE = "reward_model"
@@ -386,17 +386,9 @@ def main(cfg: Config) -> dict:
     scaler = rt.grad_scaler()
     start_step, best = 0, {"val_accuracy": -1.0, "step": -1}
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        if "scaler" in resume and scaler.is_enabled():
-            scaler.load_state_dict(resume["scaler"])
-        sampler.load_state_dict(resume["data_state"])
-        set_rng_state(resume["rng"])
+        restore_training_state(resume, optimizer, scaler, sampler)
         start_step, best = resume["step"], dict(resume["best"])
-    model = scorer  # what trains: the packed forward, compiled and DDP-wrapped when asked
-    if use_compile:
-        model = torch.compile(model, dynamic=True)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = prepare_for_training(scorer, rt, use_compile, dynamic=True)  # what trains: the packed forward
 
     # --- schedule
     max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(train_triples) // cfg.batch_size))

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, grad_accum_steps, load_checkpoint,
-                    lr_at, mfu, print0, resolve_ckpt, rng_state, save_checkpoint, set_rng_state)
+                    lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
+                    save_checkpoint)
 from model import GPT, build_model
 
 STAGE = "sft"
@@ -215,16 +215,9 @@ def main(cfg: Config) -> dict:
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size))
     start_step, metrics = 0, {"best_val_loss": float("inf"), "skipped_steps": 0}
     if cfg.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        sampler.load_state_dict(ckpt["data_state"])
-        set_rng_state(ckpt["rng"])
+        restore_training_state(ckpt, optimizer, scaler, sampler)
         start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
-    if use_compile:
-        model = torch.compile(model)
-    if rt.ddp:
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    model = prepare_for_training(model, rt, use_compile)
     end = min(max_steps, cfg.stop_at) if cfg.stop_at else max_steps
     peak = rt.peak_tflops()
     info = tldr.template_info(template, cfg.max_prompt_tokens, cfg.max_summary_tokens)
