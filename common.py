@@ -374,6 +374,16 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_flags(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """One clear error for a flag out of range: `positive` fields must be > 0, `non_negative` ones >= 0."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
+
+
 def restore_training_state(ckpt: dict, optimizer, scaler, data) -> None:
     """Continue exactly where a checkpoint stopped: optimizer moments, GradScaler scale, the data
     position (`data` has load_state_dict) and every RNG."""

@@ -39,9 +39,9 @@ import torch.nn as nn
 
 import hellaswag_task
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, get_tokenizer, load_checkpoint,
-                    model_state_dict, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
-                    save_checkpoint)
+from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
+                    load_checkpoint, model_state_dict, prepare_for_training, print0, resolve_ckpt,
+                    restore_training_state, rng_state, save_checkpoint)
 from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, last_real_index, sampling_logprobs
 from reward_model import load_reward_model
 
@@ -612,21 +612,11 @@ def check_update(sums: torch.Tensor, at: dict, cfg: Config, step: int, epoch: in
 def check_config(cfg: Config, world_size: int):
     if cfg.task not in TASKS:
         raise UserError(f"unknown --task {cfg.task!r}; choose from {', '.join(TASKS)}")
-    positive = {"response_length": cfg.response_length, "rollout_batch": cfg.rollout_batch,
-                "num_minibatches": cfg.num_minibatches, "micro_batch": cfg.micro_batch,
-                "ppo_epochs": cfg.ppo_epochs, "max_steps": cfg.max_steps, "lr": cfg.lr, "temperature": cfg.temperature,
-                "eval_prompts": cfg.eval_prompts, "kl_horizon": cfg.kl_horizon}
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = {"max_prompt_tokens": cfg.max_prompt_tokens, "gen_batch": cfg.gen_batch, "kl_coef": cfg.kl_coef,
-                    "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "cliprange": cfg.cliprange,
-                    "cliprange_value": cfg.cliprange_value, "vf_coef": cfg.vf_coef, "eval_every": cfg.eval_every,
-                    "sample_every": cfg.sample_every, "sample_rows": cfg.sample_rows, "save_every": cfg.save_every,
-                    "stop_at": cfg.stop_at, "max_approx_kl": cfg.max_approx_kl}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    check_flags(cfg, positive=("response_length", "rollout_batch", "num_minibatches", "micro_batch", "ppo_epochs",
+                               "max_steps", "lr", "temperature", "eval_prompts", "kl_horizon"),
+                non_negative=("max_prompt_tokens", "gen_batch", "kl_coef", "weight_decay", "grad_clip", "cliprange",
+                              "cliprange_value", "vf_coef", "eval_every", "sample_every", "sample_rows", "save_every",
+                              "stop_at", "max_approx_kl"))
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UserError(f"--gamma and --lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
     if cfg.adaptive_kl and cfg.kl_target <= 0:

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, get_tokenizer, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
-                    rng_state, save_checkpoint)
+from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
+                    grad_accum_steps, load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt,
+                    restore_training_state, rng_state, save_checkpoint)
 from model import EOS_ID, GPT, MODEL_PRESETS, build_model, model_config
 
 STAGE = "pretrain"
@@ -258,18 +258,9 @@ def optimizer_step(model, optimizer, scaler, grad_clip: float) -> tuple[float, b
 def check_config(cfg: Config):
     if cfg.model not in MODEL_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose from {', '.join(MODEL_PRESETS)}")
-    positive = {"seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "max_steps": cfg.max_steps,
-                "max_lr": cfg.max_lr, "block_size": cfg.block_size}
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = {"warmup_steps": cfg.warmup_steps, "min_lr": cfg.min_lr, "eval_every": cfg.eval_every,
-                    "save_every": cfg.save_every, "val_tokens": cfg.val_tokens, "stop_at": cfg.stop_at,
-                    "grad_clip": cfg.grad_clip, "hellaswag_limit": cfg.hellaswag_limit,
-                    "num_samples": cfg.num_samples, "sample_tokens": cfg.sample_tokens}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    check_flags(cfg, positive=("seq_len", "micro_batch", "max_steps", "max_lr", "block_size"),
+                non_negative=("warmup_steps", "min_lr", "eval_every", "save_every", "val_tokens", "stop_at",
+                              "grad_clip", "hellaswag_limit", "num_samples", "sample_tokens"))
     if cfg.resume and cfg.init_from:
         raise UserError("give --resume or --init-from, not both")
 

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, grad_accum_steps, load_checkpoint,
-                    lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
-                    save_checkpoint, unwrap)
+from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
+                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
+                    rng_state, save_checkpoint, unwrap)
 from model import GPT, PAD_ID, GPTConfig, ScoreModel
 
 STAGE = "reward_model"
@@ -303,17 +303,9 @@ def init_model(cfg: Config) -> tuple[ScoreModel, dict]:
 
 
 def check_config(cfg: Config):
-    positive = {"batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "max_lr": cfg.max_lr}
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = {"warmup_steps": cfg.warmup_steps, "min_lr": cfg.min_lr, "eval_every": cfg.eval_every,
-                    "val_pairs": cfg.val_pairs, "save_every": cfg.save_every, "stop_at": cfg.stop_at,
-                    "grad_clip": cfg.grad_clip, "norm_rows": cfg.norm_rows, "max_steps": cfg.max_steps,
-                    "epochs": cfg.epochs, "weight_decay": cfg.weight_decay}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    check_flags(cfg, positive=("batch_size", "micro_batch", "max_lr"),
+                non_negative=("warmup_steps", "min_lr", "eval_every", "val_pairs", "save_every", "stop_at",
+                              "grad_clip", "norm_rows", "max_steps", "epochs", "weight_decay"))
     if cfg.max_steps == 0 and cfg.epochs == 0:
         raise UserError("give a positive --max-steps or --epochs")
 

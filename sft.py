@@ -35,9 +35,9 @@ import torch
 from tqdm import tqdm
 
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, cli_main, compute_init, grad_accum_steps, load_checkpoint,
-                    lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state, rng_state,
-                    save_checkpoint)
+from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
+                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
+                    rng_state, save_checkpoint)
 from model import GPT, build_model
 
 STAGE = "sft"
@@ -156,19 +156,10 @@ def rouge(scorer, predictions: list[str], references: list[str]) -> dict:
 
 
 def check_config(cfg: Config):
-    positive = {"max_prompt_tokens": cfg.max_prompt_tokens, "max_summary_tokens": cfg.max_summary_tokens,
-                "batch_size": cfg.batch_size, "micro_batch": cfg.micro_batch, "max_lr": cfg.max_lr,
-                "eval_batch": cfg.eval_batch}
-    for name, value in positive.items():
-        if value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    non_negative = {"epochs": cfg.epochs, "max_steps": cfg.max_steps, "warmup_steps": cfg.warmup_steps,
-                    "min_lr": cfg.min_lr, "eval_every": cfg.eval_every, "val_examples": cfg.val_examples,
-                    "num_samples": cfg.num_samples, "rouge_samples": cfg.rouge_samples,
-                    "gold_samples": cfg.gold_samples, "stop_at": cfg.stop_at, "grad_clip": cfg.grad_clip}
-    for name, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    check_flags(cfg, positive=("max_prompt_tokens", "max_summary_tokens", "batch_size", "micro_batch", "max_lr",
+                               "eval_batch"),
+                non_negative=("epochs", "max_steps", "warmup_steps", "min_lr", "eval_every", "val_examples",
+                              "num_samples", "rouge_samples", "gold_samples", "stop_at", "grad_clip"))
     if cfg.max_steps == 0 and cfg.epochs == 0:
         raise UserError("give --max-steps or --epochs")
 

@@ -226,3 +226,19 @@ def test_run_logger_writes_jsonl(tmp_path, capsys):
     rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert rec["step"] == 3 and rec["loss"] == 2.5 and rec["kind"] == "train"
     assert "step 3 | loss 2.5000" in capsys.readouterr().out
+
+
+def test_check_flags_names_the_flag_out_of_range():
+    @dataclass
+    class Cfg:
+        micro_batch: int = 4
+        warmup_steps: int = 0
+
+    cfg = Cfg()
+    common.check_flags(cfg, positive=("micro_batch",), non_negative=("warmup_steps",))  # in range: no error
+    cfg.micro_batch = 0
+    with pytest.raises(UserError, match=r"^--micro-batch must be positive, got 0$"):
+        common.check_flags(cfg, positive=("micro_batch",), non_negative=("warmup_steps",))
+    cfg.micro_batch, cfg.warmup_steps = 4, -1
+    with pytest.raises(UserError, match=r"^--warmup-steps must not be negative, got -1$"):
+        common.check_flags(cfg, positive=("micro_batch",), non_negative=("warmup_steps",))
