@@ -325,10 +325,15 @@ def load_init(init: str, ckpt_dir: str) -> GPT:
 
 
 def value_from_init(cfg) -> ScoreModel:
-    """The value model: the starting policy's trunk with a fresh scalar head (there is no reward model to
-    start from)."""
+    """The value model: the starting policy's trunk with a zero scalar head (there is no reward model to
+    start from). A randomly initialised head would predict values of order 1 that differ from context to
+    context, noise larger than the reward's own spread (a 0/1 hit), and the advantages r - V would carry
+    it for the many steps the head takes to learn; from zero, the first updates are REINFORCE with the
+    batch mean as baseline (whitening subtracts it) and the value model takes over as it learns."""
     lm = load_init(cfg.init, cfg.ckpt_dir)
-    return ScoreModel.from_lm_state(lm.config, lm.state_dict())
+    value = ScoreModel.from_lm_state(lm.config, lm.state_dict())
+    torch.nn.init.zeros_(value.score_head.weight)
+    return value
 
 
 # -----------------------------------------------------------------------------

@@ -157,6 +157,8 @@ def test_choice_rollout_logprobs_equal_hellaswag_scores_and_the_update_forward(t
     torch.testing.assert_close(ro.ref_logprobs, ro.logprobs)  # the policy starts as the reference
     labels = torch.tensor([row["label"] for row, _ in items])
     assert torch.equal(ro.scores, (ro.actions[:, 0] == labels).float()) and ro.mask.shape == (8, 1)
+    # the value model starts at 0 in every context (a random head's values would be noise in r - V)
+    assert torch.equal(ro.values, torch.zeros(8, 1))
     again, _ = task.rollout(items, policy, pv, ref, cfg, rt, torch.Generator().manual_seed(3))
     assert torch.equal(again.actions, ro.actions)
     assert "->" in ro.show(task, 0) and items[0][0]["endings"][int(ro.actions[0])] in ro.show(task, 0)
