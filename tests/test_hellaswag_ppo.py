@@ -2,8 +2,8 @@
 hand values and against hellaswag.py's own scorer; rollout log-probs equal the update's forward (ratio 1);
 the judge bridge against scoring the same text directly with an offline judge of another tokenizer (a
 `tokenizers` BPE + a tiny random Llama, a classifier, our reward model); the judge path end to end from
-the command line; an exact resume. (Whether `--reward label` raises a small model's val acc_norm on the
-generated data is measured by hand, see the README: it takes minutes and does not hold yet.)"""
+the command line; an exact resume. (How far `--reward label` raises a small model's val acc_norm on the
+generated data is measured by hand, see the README: the rise takes about 4 minutes of 2 cores.)"""
 import json
 import math
 
