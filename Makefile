@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-slow demo clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): requirements.txt
 # pytest exits non-zero when no test ran, so an empty run is never green
 test: $(STAMP)
 	$(PY) -m pytest
+
+# learning checks that do not fit the 10-minute suite (HellaSwag label PPO's rise: about 5 minutes)
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
 
 # the whole pipeline on the generated world at the small size, offline: runs/small/report.md and plots
 demo: $(STAMP)

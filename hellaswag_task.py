@@ -7,8 +7,9 @@ the starting model's score measured in the same run. Two reward sources:
 - `--reward label`: multiple choice as the action. For a train context the policy's distribution over
   the 4 endings is softmax(score / --temperature), an ending's score being its mean (`--choice-norm
   mean`, what acc_norm ranks by) or summed (`sum`, acc) log-likelihood given the context. The policy
-  samples an ending and earns 1 for the labelled one (`--label-reward hit`); the per-action KL penalty
-  to the reference's choice distribution and the clipped objective are ppo.py's.
+  samples an ending (--samples-per-prompt of them from one scoring forward) and earns 1 for the
+  labelled one (`--label-reward hit`); the per-action KL penalty to the reference's choice distribution,
+  the baseline (value model or the context's other samples) and the clipped objective are ppo.py's.
 - `--reward judge --judge MODEL`: free completion. The policy writes a continuation of the context (KV
   cache, cut after its first sentence end) and a judge scores it: the mean log-prob of the continuation
   given the context under a Hugging Face causal LM of any tokenizer, a sequence classifier's score, or
@@ -24,8 +25,8 @@ the starting model's score measured in the same run. Two reward sources:
 Tiny CPU run on generated data (after pretrain.py --preset small on it):
 
     python ppo.py --task hellaswag --reward label --preset small --init pretrain.pt \\
-        --hellaswag-dir data/synthetic/hellaswag --temperature 1 --lr 2e-3 --rollout-batch 32 \\
-        --ppo-epochs 4 --num-minibatches 2 --max-steps 8 --eval-prompts 200
+        --hellaswag-dir data/synthetic/hellaswag --temperature 1 --lr 3e-4 --kl-coef 0.3 --rollout-batch 32 \\
+        --samples-per-prompt 8 --ppo-epochs 2 --num-minibatches 2 --micro-batch 32 --max-steps 40 --eval-prompts 300
 
 A library for ppo.py: importing it does nothing; it never imports ppo.py.
 """
@@ -130,39 +131,46 @@ class ChoicePolicyAndValue(nn.Module):
         super().__init__()
         self.policy, self.value, self.norm = policy, value, norm
 
-    def forward(self, idx, attention_mask, targets, value_at):
+    def forward(self, idx, attention_mask, targets, value_at, expand=None):
+        """`expand` (R,) maps rollout rows to the B contexts given, so that the several samples of one
+        context share its forward; without it, one row per context."""
         scores = choice_scores(self.policy, idx, attention_mask, targets, self.norm)            # (B, 4)
         T = int(attention_mask[:, 0].sum(-1).max())
         values = self.value(idx[:, 0, :T], attention_mask[:, 0, :T])                           # (B, T)
-        return scores, values.gather(1, value_at[:, None])                                      # (B, 1)
+        values = values.gather(1, value_at[:, None])                                            # (B, 1)
+        return (scores, values) if expand is None else (scores[expand], values[expand])        # (R, 4), (R, 1)
 
 
 @dataclass
 class ChoiceRollout:
-    """One rank's share of a PPO step with choice actions: one action per row (N = 1)."""
-    batch: ChoiceBatch
-    items: list                 # (row, Encoded) per rollout row, for the sample table
-    actions: torch.Tensor       # (B, 1) the chosen ending
-    labels: torch.Tensor        # (B,)
-    probs: torch.Tensor         # (B, 4) the policy's choice distribution at rollout time
-    mask: torch.Tensor          # (B, 1) ones
-    logprobs: torch.Tensor      # (B, 1)
-    ref_logprobs: torch.Tensor  # (B, 1)
-    values: torch.Tensor        # (B, 1)
-    scores: torch.Tensor        # (B,) the reward
-    raw_scores: torch.Tensor    # (B,)
-    entropy: torch.Tensor       # (B, 1) entropy of the choice distribution
+    """One rank's share of a PPO step with choice actions: one action per row (N = 1), `group` rows per
+    context (its samples, consecutive: row r belongs to context r // group)."""
+    batch: ChoiceBatch          # the B contexts
+    items: list                 # (row, Encoded) per context, for the sample table
+    group: int                  # samples per context: R = B * group rollout rows
+    actions: torch.Tensor       # (R, 1) the chosen ending
+    labels: torch.Tensor        # (R,)
+    probs: torch.Tensor         # (R, 4) the policy's choice distribution at rollout time
+    mask: torch.Tensor          # (R, 1) ones
+    logprobs: torch.Tensor      # (R, 1)
+    ref_logprobs: torch.Tensor  # (R, 1)
+    values: torch.Tensor        # (R, 1) the value of the row's context
+    scores: torch.Tensor        # (R,) the reward
+    raw_scores: torch.Tensor    # (R,)
+    entropy: torch.Tensor       # (R, 1) entropy of the choice distribution
 
     @property
     def response(self) -> torch.Tensor:
         return self.actions
 
     def forward_args(self, rows: torch.Tensor) -> tuple:
+        """Each context of these rows once, and where each row's context is among them."""
+        contexts, expand = torch.unique(torch.div(rows, self.group, rounding_mode="floor"), return_inverse=True)
         b = self.batch
-        return b.idx[rows], b.attention_mask[rows], b.targets[rows], b.value_at[rows]
+        return b.idx[contexts], b.attention_mask[contexts], b.targets[contexts], b.value_at[contexts], expand
 
     def show(self, task, i: int) -> str:
-        row, a = self.items[i][0], int(self.actions[i, 0])
+        row, a = self.items[i // self.group][0], int(self.actions[i, 0])
         verdict = "right" if a == int(self.labels[i]) else f"wrong, label {int(self.labels[i])}"
         return f"...{row['ctx'][-100:]!r} -> [{a}] {row['endings'][a]!r} ({verdict}, p {self.probs[i, a].item():.2f})"
 
@@ -336,6 +344,11 @@ def value_from_init(cfg) -> ScoreModel:
     return value
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 # -----------------------------------------------------------------------------
 # the task
 
@@ -456,7 +469,10 @@ class HellaswagTask:
         greedy continuations of the first val contexts."""
         if not self.start:
             self.start.update(self._measure(ref, "start"))
-        record = self._measure(policy, "eval")
+        if same_weights(policy, ref):  # the first evaluation of a fresh run: the policy is the start model
+            record = {"eval_" + k.removeprefix("start_"): v for k, v in self.start.items()}
+        else:
+            record = self._measure(policy, "eval")
         record.update(self.start)
         return record
 
@@ -508,8 +524,8 @@ class HellaswagChoiceTask(HellaswagTask):
     def rollout(self, items: list, policy: GPT, pv: nn.Module, ref: GPT, cfg, rt,
                 generator: torch.Generator) -> tuple[ChoiceRollout, dict]:
         """Score the 4 endings with the policy (through `pv`, the forward the update uses: the first ratio
-        is exactly 1) and the reference, sample one ending per row from softmax(scores / temperature),
-        reward it."""
+        is exactly 1) and the reference, sample --samples-per-prompt endings per context (with
+        replacement) from softmax(scores / temperature), reward each."""
         t0 = time.time()
         batch = choice_batch([enc for _, enc in items], policy.config.block_size)
         batch = ChoiceBatch(*(t.to(rt.device) for t in (batch.idx, batch.attention_mask, batch.targets, batch.value_at)))
@@ -525,16 +541,20 @@ class HellaswagChoiceTask(HellaswagTask):
             values.append(v.float())
         scores, ref_scores, values = torch.cat(scores), torch.cat(ref_scores), torch.cat(values)
         t_score = time.time() - t0
+        K = cfg.samples_per_prompt
         logp_all = choice_logprobs(scores, cfg.temperature)                                   # (B, 4)
-        actions = torch.multinomial(logp_all.exp(), 1, generator=generator)                   # (B, 1)
-        labels = torch.tensor([enc.label for _, enc in items], device=rt.device)
+        actions = torch.multinomial(logp_all.exp(), K, replacement=True, generator=generator)  # (B, K)
+        per_row = lambda x: x.repeat_interleave(K, dim=0)                                     # (B, ...) -> (B * K, ...)
+        logp_all, ref_logp_all, scores = per_row(logp_all), per_row(choice_logprobs(ref_scores, cfg.temperature)), per_row(scores)
+        actions = actions.reshape(B * K, 1)
+        labels = per_row(torch.tensor([enc.label for _, enc in items], device=rt.device))
         reward = label_rewards(actions[:, 0], labels, scores, cfg.label_reward)
-        ro = ChoiceRollout(batch=batch, items=items, actions=actions, labels=labels, probs=logp_all.exp(),
-                           mask=torch.ones(B, 1, device=rt.device), logprobs=logp_all.gather(1, actions),
-                           ref_logprobs=choice_logprobs(ref_scores, cfg.temperature).gather(1, actions),
-                           values=values, scores=reward, raw_scores=reward,
+        ro = ChoiceRollout(batch=batch, items=items, group=K, actions=actions, labels=labels, probs=logp_all.exp(),
+                           mask=torch.ones(B * K, 1, device=rt.device), logprobs=logp_all.gather(1, actions),
+                           ref_logprobs=ref_logp_all.gather(1, actions), values=per_row(values),
+                           scores=reward, raw_scores=reward,
                            entropy=torch.special.entr(logp_all.exp()).sum(-1, keepdim=True))
-        return ro, {"t_gen": time.time() - t0 - t_score, "t_score": t_score, "gen_tokens": float(B)}
+        return ro, {"t_gen": time.time() - t0 - t_score, "t_score": t_score, "gen_tokens": float(B * K)}
 
     def evaluate(self, policy: GPT, ref: GPT) -> dict:
         return {**super().evaluate(policy, ref), "eval_choice_kl": self.choice_kl_on_val(policy, ref)}

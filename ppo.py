@@ -104,6 +104,8 @@ class Config:
     hellaswag_dir: str = "data/hellaswag"  # hellaswag: folder of hellaswag_{train,val}.jsonl (downloaded when missing); train for rollouts, val for evaluation
     choice_norm: str = "mean"             # hellaswag --reward label: an ending's score is its mean (as acc_norm) or sum (as acc) log-likelihood per token
     label_reward: str = "hit"             # hellaswag --reward label: hit (1 for the labelled ending, else 0) | margin (a wrong ending also costs up to 1 by how far it outscores the label)
+    baseline: str = "value"               # advantage baseline: value (GAE on the value model, the N+ details) | group (RLOO: the mean reward of the prompt's other samples; needs --samples-per-prompt >= 2)
+    samples_per_prompt: int = 1           # hellaswag --reward label: endings sampled per context from its one scoring forward; the update also scores each context once for all its samples
     judge: str = ""                       # hellaswag --reward judge: HF causal LM or sequence classifier (hub name or local directory, any tokenizer), or a reward_model.py checkpoint
     judge_device: str = ""                # hellaswag --reward judge: device of the judge (empty: the policy's)
     judge_dtype: str = "auto"             # hellaswag --reward judge: judge weights dtype: auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
@@ -174,6 +176,16 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = last
     advantages = advantages * mask
     return advantages, advantages + values
+
+
+def group_advantages(rewards: torch.Tensor, mask: torch.Tensor, group: int) -> torch.Tensor:
+    """RLOO advantages (Ahmadian et al. 2024, "Back to Basics"): a response's total reward minus the mean
+    total reward of the other responses to the same prompt (rows group*i ... group*i + group-1), given to
+    each of its real tokens. The baseline depends on the prompt and not on the response, so the gradient
+    stays unbiased; it needs no value model and no steps for one to learn."""
+    totals = masked(rewards, mask).sum(1).view(-1, group)                      # (P, G)
+    others = (totals.sum(1, keepdim=True) - totals) / (group - 1)              # (P, G)
+    return (totals - others).reshape(-1, 1) * mask                             # (P * G, N)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -553,18 +565,19 @@ def ppo_update(model: nn.Module, optimizer, scaler, ro: Rollout, advantages: tor
     """Returns the mean stats over every minibatch and rank; stops with a UserError naming the step when a
     loss is not finite or the approx KL to the rollout policy exceeds --max-approx-kl."""
     B = ro.mask.size(0)
+    G = getattr(ro, "group", 1)  # rows that share one forward (one context's samples) stay in one micro-batch
     mb_size = B // cfg.num_minibatches
     names = ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "grad_norm")
     totals = torch.zeros(len(names), dtype=torch.float64)
     n_updates = 0
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=generator).to(rt.device)
+        order = (torch.randperm(B // G, generator=generator)[:, None] * G + torch.arange(G)).flatten().to(rt.device)
         for mb in range(cfg.num_minibatches):
             rows = order[mb * mb_size:(mb + 1) * mb_size]
             denom = ro.mask[rows].sum().clamp(min=1)  # real tokens of this minibatch on this rank
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(len(names) - 1, device=rt.device)
-            micro = chunks(len(rows), cfg.micro_batch)
+            micro = chunks(len(rows), cfg.micro_batch * G)
             for i, c in enumerate(micro):
                 r = rows[c]
                 # gradients are all-reduced only on the last micro-step; the choice is made before the forward
@@ -612,11 +625,18 @@ def check_update(sums: torch.Tensor, at: dict, cfg: Config, step: int, epoch: in
 def check_config(cfg: Config, world_size: int):
     if cfg.task not in TASKS:
         raise UserError(f"unknown --task {cfg.task!r}; choose from {', '.join(TASKS)}")
-    check_flags(cfg, positive=("response_length", "rollout_batch", "num_minibatches", "micro_batch", "ppo_epochs",
+    check_flags(cfg, positive=("response_length", "rollout_batch", "samples_per_prompt", "num_minibatches", "micro_batch", "ppo_epochs",
                                "max_steps", "lr", "temperature", "eval_prompts", "kl_horizon"),
                 non_negative=("max_prompt_tokens", "gen_batch", "kl_coef", "weight_decay", "grad_clip", "cliprange",
                               "cliprange_value", "vf_coef", "eval_every", "sample_every", "sample_rows", "save_every",
                               "stop_at", "max_approx_kl"))
+    if cfg.samples_per_prompt > 1 and (cfg.task, cfg.reward) != ("hellaswag", "label"):
+        raise UserError("--samples-per-prompt above 1 needs --task hellaswag --reward label (several choices per "
+                        "context from one forward)")
+    if cfg.baseline not in ("value", "group"):
+        raise UserError(f"--baseline must be value or group, not {cfg.baseline!r}")
+    if cfg.baseline == "group" and cfg.samples_per_prompt < 2:
+        raise UserError("--baseline group compares the samples of one prompt: it needs --samples-per-prompt 2 or more")
     if not (0 <= cfg.gamma <= 1 and 0 <= cfg.lam <= 1):
         raise UserError(f"--gamma and --lam must be in [0, 1], got {cfg.gamma} and {cfg.lam}")
     if cfg.adaptive_kl and cfg.kl_target <= 0:
@@ -694,7 +714,7 @@ def main(cfg: Config) -> dict:
                        wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
     print0(f"ppo: task {cfg.task}, reward {cfg.reward}, policy {policy.num_params() / 1e6:.2f}M params, "
            f"{rt.world_size} process(es) on {rt.device_type}, {str(rt.dtype).removeprefix('torch.')}, "
-           f"{cfg.rollout_batch} rollouts/step x {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
+           f"{cfg.rollout_batch} rollouts/step{f' x {cfg.samples_per_prompt} samples' if cfg.samples_per_prompt > 1 else ''} x {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
            f"{len(task):,} prompts, steps {start_step}->{end} of {cfg.max_steps}, compile {'on' if use_compile else 'off'}")
     if start_step:
         print0(f"resumed from {ckpt_path} at step {start_step}")
@@ -743,8 +763,11 @@ def main(cfg: Config) -> dict:
 
         # 3. rewards: per-token KL penalty, the score at the last response token
         rewards, kl = kl_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, kl_ctl.value)
-        # 4. advantages: GAE, whitened over the real tokens of every rank
+        # 4. advantages: GAE (or the prompt's other samples as baseline), whitened over the real tokens of
+        # every rank; the value model learns the GAE returns either way
         advantages, returns = gae(rewards, ro.values, ro.mask, cfg.gamma, cfg.lam)
+        if cfg.baseline == "group":
+            advantages = group_advantages(rewards, ro.mask, cfg.samples_per_prompt)
         advantages = masked_whiten(advantages, ro.mask)
 
         # 5. update: ppo_epochs x num_minibatches clipped policy + value steps

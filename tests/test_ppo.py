@@ -39,6 +39,16 @@ def test_gae_hand_computed():
     torch.testing.assert_close(adv, torch.tensor([[-0.25, 0.0, 0.8, 0.0]]))
 
 
+def test_group_advantages_hand_computed():
+    # two prompts x 3 samples; per-token rewards summed over real tokens (padding 9.0 must not count)
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 9.0], [0.5, 0.5], [0.2, 9.0], [0.2, 9.0], [0.8, 9.0]])
+    mask = torch.tensor([[1.0, 1], [1, 0], [1, 1], [1, 0], [1, 0], [1, 0]])
+    adv = ppo.group_advantages(rewards, mask, group=3)
+    # prompt 0 totals 1, 0, 1: 1 - (0 + 1) / 2 = 0.5; 0 - (1 + 1) / 2 = -1; 1 - 0.5 = 0.5
+    # prompt 1 totals 0.2, 0.2, 0.8: 0.2 - 0.5 = -0.3 (twice); 0.8 - 0.2 = 0.6
+    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.5], [-1.0, 0.0], [0.5, 0.5], [-0.3, 0.0], [-0.3, 0.0], [0.6, 0.0]]))
+
+
 def test_masked_whiten_hand_computed():
     x = torch.tensor([[1.0, 3.0, 5.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
