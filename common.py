@@ -291,6 +291,31 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
 
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models hold equal tensors under the same names (a policy not yet updated and its
+    reference: an evaluation of one stands for both)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: float, step: int) -> tuple[float, bool]:
+    """A training stage's optimizer step once its gradients are accumulated: stop with a clear message
+    when the step's loss (all ranks) is not finite, set the learning rate, unscale, clip (0: no
+    clipping), step. Returns (grad norm, skipped): with fp16 the GradScaler skips a step whose gradients
+    overflowed and lowers its scale - normal and counted, not fatal."""
+    if not math.isfinite(loss):
+        raise UserError(f"loss is {loss} at step {step}: training diverged; resume from the last checkpoint "
+                        f"with a lower --max-lr, or use --dtype float32/bfloat16")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return norm.item(), scaler.is_enabled() and scaler.get_scale() < scale
+
+
 def grad_accum_steps(total_batch: int, micro_batch: int, world_size: int, unit: str = "tokens") -> int:
     """Micro-steps per optimizer step so that micro_batch * world_size * steps == total_batch."""
     per_step = micro_batch * world_size

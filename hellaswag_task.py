@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import hellaswag
 import tldr
-from common import UserError, all_reduce_sum, get_tokenizer, resolve_ckpt, select_dtype
+from common import UserError, all_reduce_sum, get_tokenizer, resolve_ckpt, same_weights, select_dtype
 from model import GPT, PAD_ID, ScoreModel, build_model, sampling_logprobs
 
 CHOICE_NORMS = ("mean", "sum")
@@ -342,11 +342,6 @@ def value_from_init(cfg) -> ScoreModel:
     value = ScoreModel.from_lm_state(lm.config, lm.state_dict())
     torch.nn.init.zeros_(value.score_head.weight)
     return value
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # -----------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import hellaswag_task
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
                     load_checkpoint, model_state_dict, prepare_for_training, print0, resolve_ckpt,
-                    restore_training_state, rng_state, save_checkpoint)
+                    restore_training_state, rng_state, same_weights, save_checkpoint)
 from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, last_real_index, sampling_logprobs
 from reward_model import load_reward_model
 
@@ -545,7 +545,8 @@ def evaluate(task, policy: GPT, ref: GPT, baseline: dict, cfg: Config, rt) -> di
     SFT model's summaries of the same posts as judged by the reward source, response length, EOS share,
     and gold scores (policy and SFT) when the task has them."""
     posts = task.eval_items(rt.rank, rt.world_size)
-    mine = greedy_responses(task, policy, ref, posts, cfg, rt)
+    # a policy not yet updated is the SFT model: its summaries are the baseline's
+    mine = baseline if same_weights(policy, ref) else greedy_responses(task, policy, ref, posts, cfg, rt)
     wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine["scores"], baseline["scores"])]
     per_item = {"eval_score": mine["scores"], "eval_rm_score": mine["raw_scores"], "eval_kl": mine["kl"],
                 "eval_win_rate": wins, "eval_length": mine["length"], "eval_eos": mine["ended"],

@@ -26,7 +26,6 @@ Writes `checkpoints/pretrain.pt` (stage "pretrain") every --save-every steps and
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
-                    grad_accum_steps, load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt,
+                    grad_accum_steps, load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
                     restore_training_state, rng_state, save_checkpoint)
 from model import EOS_ID, GPT, MODEL_PRESETS, build_model, model_config
 
@@ -241,20 +240,6 @@ def sample(model, prompt: str, num: int, max_new_tokens: int, rt, seed: int) -> 
     return [prompt + enc.decode(row[m.bool()].tolist()) for row, m in zip(tokens.cpu(), mask.cpu())]
 
 
-# -----------------------------------------------------------------------------
-# one optimizer step
-
-def optimizer_step(model, optimizer, scaler, grad_clip: float) -> tuple[float, bool]:
-    """Unscale, clip, step. Returns (grad norm, skipped): with fp16 the GradScaler skips a step whose
-    gradients overflowed and lowers its scale - normal and counted, not fatal."""
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    return norm.item(), scaler.is_enabled() and scaler.get_scale() < scale
-
-
 def check_config(cfg: Config):
     if cfg.model not in MODEL_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose from {', '.join(MODEL_PRESETS)}")
@@ -364,13 +349,8 @@ def main(cfg: Config) -> dict:
                 loss_sum += loss.detach()
                 scaler.scale(loss).backward()
         train_loss = all_reduce_sum(loss_sum).item() / rt.world_size
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss is {train_loss} at step {step}: training diverged; resume from the last "
-                            f"checkpoint with a lower --max-lr, or use --dtype float32/bfloat16")
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
         metrics["skipped_steps"] += int(skipped)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
-                    rng_state, save_checkpoint, unwrap)
+                    load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
+                    restore_training_state, rng_state, save_checkpoint, unwrap)
 from model import GPT, PAD_ID, GPTConfig, ScoreModel
 
 STAGE = "reward_model"
@@ -447,16 +447,8 @@ def main(cfg: Config) -> dict:
                                  torch.tensor(float(tokens), device=rt.device)])
         loss_sum, correct, tokens = all_reduce_sum(sums).tolist()
         train_loss = loss_sum / cfg.batch_size
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss is {train_loss} at step {step}: training diverged; resume from the last "
-                            f"checkpoint with a lower --lr, or use --dtype float32/bfloat16")
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
-        scaler.step(optimizer)
-        scaler.update()
+        grad_norm, _ = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 import tldr
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, prepare_for_training, print0, resolve_ckpt, restore_training_state,
-                    rng_state, save_checkpoint)
+                    load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
+                    restore_training_state, rng_state, save_checkpoint)
 from model import GPT, build_model
 
 STAGE = "sft"
@@ -282,23 +282,14 @@ def main(cfg: Config) -> dict:
                 loss_sum += loss.detach()
                 scaler.scale(loss * rt.world_size).backward()
         train_loss = all_reduce_sum(loss_sum).item()
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss is {train_loss} at step {step}: training diverged; resume from the last "
-                            f"checkpoint with a lower --max-lr, or use --dtype float32/bfloat16")
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        metrics["skipped_steps"] += int(scaler.is_enabled() and scaler.get_scale() < scale)
+        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
+        metrics["skipped_steps"] += int(skipped)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
         tok_per_s = n_tokens / dt
-        record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(), "dt_ms": dt * 1000, "tok_per_s": tok_per_s}
+        record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000, "tok_per_s": tok_per_s}
         if peak:  # the vocabulary projection runs at summary positions only: count its FLOPs there only
             lm_head_flops = 6 * raw.lm_head.weight.numel() * (n_tokens - n_targets.item())
             flops_per_token = raw.flops_per_token(int(n_tokens / cfg.batch_size)) - lm_head_flops / n_tokens
