@@ -20,7 +20,7 @@ $(STAMP): requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest
 
-# learning checks that do not fit the 10-minute suite (HellaSwag label PPO's rise: about 5 minutes)
+# learning checks that do not fit the 10-minute suite (HellaSwag label PPO's rise: about 6 minutes)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 

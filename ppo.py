@@ -428,6 +428,7 @@ class Rollout:
     scores: torch.Tensor        # (B,) reward-model score, or the missing-EOS score
     raw_scores: torch.Tensor    # (B,) reward-model score as given
     entropy: torch.Tensor       # (B, N) entropy of the policy's sampling distribution
+    group = 1                   # rows per prompt that share one forward (a class constant: one response per prompt)
 
     @property
     def response(self) -> torch.Tensor:
@@ -566,7 +567,7 @@ def ppo_update(model: nn.Module, optimizer, scaler, ro: Rollout, advantages: tor
     """Returns the mean stats over every minibatch and rank; stops with a UserError naming the step when a
     loss is not finite or the approx KL to the rollout policy exceeds --max-approx-kl."""
     B = ro.mask.size(0)
-    G = getattr(ro, "group", 1)  # rows that share one forward (one context's samples) stay in one micro-batch
+    G = ro.group  # rows that share one forward (one context's samples) stay in one micro-batch
     mb_size = B // cfg.num_minibatches
     names = ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "grad_norm")
     totals = torch.zeros(len(names), dtype=torch.float64)
@@ -797,7 +798,7 @@ def main(cfg: Config) -> dict:
                   "gen_tok_per_s": gen_tokens / max(timing["t_gen"], 1e-9), "t_gen": timing["t_gen"],
                   "t_score": timing["t_score"], "t_update": t_update, "dt": time.time() - t_step}
         logger.log(record, step)
-        kl_ctl.update(kl_mean, cfg.rollout_batch)
+        kl_ctl.update(kl_mean, int(n_all))  # rollouts this step over all ranks (samples, not prompts)
         metrics.update(score=score_mean, kl=kl_mean, step=step + 1)
 
         if rt.master and cfg.sample_every and cfg.sample_rows and step % cfg.sample_every == 0:

@@ -4,7 +4,7 @@ the judge bridge against scoring the same text directly with an offline judge of
 `tokenizers` BPE + a tiny random Llama, a classifier, our reward model); the judge path end to end from
 the command line; an exact resume; several samples per context sharing one forward. How far `--reward
 label` raises a small model's val acc_norm on the generated data is `make test-slow` (marked `slow`: its
-40 steps take about 3 minutes of 2 cores, more than the 10-minute suite has left)."""
+40 steps take about 4 minutes of 2 cores, more than the 10-minute suite has left)."""
 import json
 import math
 import sys
