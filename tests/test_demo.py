@@ -50,7 +50,8 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     figures = report["figures"]
     expected = {"pretrain_val_loss_first", "pretrain_val_loss_last", "pretrain_hellaswag_first", "pretrain_hellaswag_last",
                 "hellaswag_acc_norm", "sft_val_loss_first", "sft_val_loss_best", "sft_gold_first", "sft_gold_best",
-                "rm_val_accuracy", "rm_gold_pearson", "rm_gold_spearman", "rm_gold_pair_accuracy", "ppo_rm_score_first",
+                "rm_val_accuracy", "rm_gold_pearson", "rm_gold_spearman", "rm_gold_pair_accuracy",
+                "rm_gold_pair_accuracy_wrong_fact", "rm_gold_pair_accuracy_other", "ppo_rm_score_first",
                 "ppo_rm_score_last", "ppo_kl_first", "ppo_kl_last", "ppo_gold_first", "ppo_gold_last", "ppo_win_rate"}
     assert expected <= set(figures)
     bad = {k: v for k, v in figures.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
@@ -62,6 +63,13 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert figures["pretrain_val_loss_last"] < figures["pretrain_val_loss_first"]
     assert figures["ppo_kl_first"] == pytest.approx(0.0, abs=1e-4)  # step 0 evaluates the SFT policy itself
     assert 0 <= figures["ppo_win_rate"] <= 1 and 0 <= figures["rm_val_accuracy"] <= 1
+    # the pairs where a summary states a fact the post does not, counted here from the generated files
+    import synthetic
+    pairs = [json.loads(l) for l in (work / "data" / "synthetic_tiny" / "comparisons" / "valid.jsonl").open()][:500]
+    stated = lambda row, key: bool(synthetic.gold_breakdown(row["prompt"], row[key].removeprefix("TL;DR:"))["wrong"])
+    assert figures["rm_gold_wrong_fact_pairs"] == sum(stated(r, "chosen") or stated(r, "rejected") for r in pairs) > 0
+    for key in ("rm_gold_pair_accuracy", "rm_gold_pair_accuracy_wrong_fact", "rm_gold_pair_accuracy_other"):
+        assert 0 <= figures[key] <= 1, key
     hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
     assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
 
