@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-import synthetic
 import tldr
 from common import UserError, atomic_write, cli_main, compute_init, load_checkpoint
 from model import GPT, build_model
@@ -117,20 +116,18 @@ def reward_model_vs_gold(rm_path: Path, comparisons: list[tldr.Comparison], rt, 
     posts = [c.post for c in comparisons] * 2
     summaries = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
     rewards = score_texts(model, posts, summaries, ckpt.get("tldr"), batch_size, rt.autocast).double()
-    parts = [synthetic.gold_breakdown(tldr.render_prompt(p), s) for p, s in zip(posts, summaries)]
+    parts = tldr.gold_breakdowns(posts, summaries)
     gold = torch.tensor([b["score"] for b in parts], dtype=torch.float64)
     n = len(comparisons)
     # a wrong fact is only visible against the post, the other faults in the summary alone: the two
     # agreements say which the reward model has learned
     stated = torch.tensor([bool(b["wrong"]) for b in parts])
     wrong_fact = stated[:n] | stated[n:]
+    agreement = lambda pairs: gold_agreement(rewards[:n][pairs], rewards[n:][pairs], gold[:n][pairs], gold[n:][pairs])
     return {"rm_gold_pearson": pearson(rewards, gold), "rm_gold_spearman": spearman(rewards, gold),
-            "rm_gold_pair_accuracy": gold_agreement(rewards[:n], rewards[n:], gold[:n], gold[n:]),
-            "rm_gold_pair_accuracy_wrong_fact": gold_agreement(rewards[:n][wrong_fact], rewards[n:][wrong_fact],
-                                                               gold[:n][wrong_fact], gold[n:][wrong_fact]),
-            "rm_gold_pair_accuracy_other": gold_agreement(rewards[:n][~wrong_fact], rewards[n:][~wrong_fact],
-                                                          gold[:n][~wrong_fact], gold[n:][~wrong_fact]),
-            "rm_gold_wrong_fact_pairs": int(wrong_fact.sum()), "rm_gold_summaries": len(summaries)}
+            "rm_gold_pair_accuracy": agreement(slice(None)), "rm_gold_pair_accuracy_wrong_fact": agreement(wrong_fact),
+            "rm_gold_pair_accuracy_other": agreement(~wrong_fact), "rm_gold_wrong_fact_pairs": int(wrong_fact.sum()),
+            "rm_gold_summaries": len(summaries)}
 
 
 @torch.no_grad()

@@ -473,13 +473,18 @@ def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int 
     return out
 
 
-def gold_scores(posts: list[Post], summaries: list[str]) -> list[float]:
-    """synthetic.gold_score of each summary against its whole prompt. Meaningful only on posts of the
-    generated world (synthetic.py); on real Reddit posts it measures nothing."""
+def gold_breakdowns(posts: list[Post], summaries: list[str]) -> list[dict]:
+    """synthetic.gold_breakdown of each summary against its whole prompt (score, covered, wrong, ...).
+    Meaningful only on posts of the generated world (synthetic.py); on real Reddit posts it measures nothing."""
     import synthetic
     if len(posts) != len(summaries):
         raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
-    return [synthetic.gold_score(render_prompt(p), s) for p, s in zip(posts, summaries)]
+    return [synthetic.gold_breakdown(render_prompt(p), s) for p, s in zip(posts, summaries)]
+
+
+def gold_scores(posts: list[Post], summaries: list[str]) -> list[float]:
+    """The gold score of each summary (gold_breakdowns' "score")."""
+    return [b["score"] for b in gold_breakdowns(posts, summaries)]
 
 
 def mean_gold_score(posts: list[Post], summaries: list[str]) -> float:

@@ -70,6 +70,10 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert figures["rm_gold_wrong_fact_pairs"] == sum(stated(r, "chosen") or stated(r, "rejected") for r in pairs) > 0
     for key in ("rm_gold_pair_accuracy", "rm_gold_pair_accuracy_wrong_fact", "rm_gold_pair_accuracy_other"):
         assert 0 <= figures[key] <= 1, key
+    # generated pairs are never gold ties, so the overall agreement is the two parts weighted by their sizes
+    n, n_wrong = figures["rm_gold_summaries"] // 2, figures["rm_gold_wrong_fact_pairs"]
+    assert figures["rm_gold_pair_accuracy"] == pytest.approx(
+        (n_wrong * figures["rm_gold_pair_accuracy_wrong_fact"] + (n - n_wrong) * figures["rm_gold_pair_accuracy_other"]) / n)
     hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
     assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
 
