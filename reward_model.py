@@ -376,10 +376,11 @@ def main(cfg: Config) -> dict:
     raw.transformer.wte.weight.requires_grad_(not cfg.freeze_embeddings)
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), rt.device_type)
     scaler = rt.grad_scaler()
-    start_step, best = 0, {"val_accuracy": -1.0, "step": -1}
+    start_step, best, metrics = 0, {"val_accuracy": -1.0, "step": -1}, {"skipped_steps": 0}
     if resume is not None:
         restore_training_state(resume, optimizer, scaler, sampler)
         start_step, best = resume["step"], dict(resume["best"])
+        metrics = {**metrics, **resume["metrics"]}
     model = prepare_for_training(scorer, rt, use_compile, dynamic=True)  # what trains: the packed forward
 
     # --- schedule
@@ -426,7 +427,6 @@ def main(cfg: Config) -> dict:
                             tldr=info, best=best)
 
     # --- loop
-    metrics: dict = {}
     for step in range(start_step, end):
         t0 = time.time()
         model.train()
@@ -448,7 +448,8 @@ def main(cfg: Config) -> dict:
         loss_sum, correct, tokens = all_reduce_sum(sums).tolist()
         train_loss = loss_sum / cfg.batch_size
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        grad_norm, _ = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
+        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
+        metrics["skipped_steps"] += int(skipped)
         if rt.device_type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t0
@@ -458,6 +459,8 @@ def main(cfg: Config) -> dict:
             seq_len = tokens / cfg.batch_size  # packed row length: the attention span
             record["mfu"] = mfu(6 * n_trunk + 12 * raw.config.n_layer * raw.config.n_embd * seq_len,
                                 tokens / dt / rt.world_size, peak)
+        if scaler.is_enabled():
+            record["skipped_steps"] = metrics["skipped_steps"]
         logger.log(record, step)
         metrics.update(train_loss=train_loss, step=step + 1)
 
