@@ -1,7 +1,8 @@
 """The pipeline's report: what each stage achieved, as one table, from the stages' own records - the JSONL
 logs in the run folder, the checkpoints' `metrics`, hellaswag.py's result JSON - plus the figures no
 stage records, computed here with the stages' own functions: the reward model's correlation with the
-gold score (generated world only) and one post summarized by the SFT model and by the PPO policy.
+gold score and the SFT and PPO models' greedy summaries of the same test posts compared by the gold score
+(generated world only), and one post summarized by the SFT model and by the PPO policy.
 
     python report.py --run-dir runs/small --ckpt-dir checkpoints/small --world data/synthetic   # after ./run.sh small
     python report.py --run-dir runs/gpt2 --ckpt-dir checkpoints/gpt2                            # a real run (no gold score)
@@ -34,6 +35,7 @@ class Config:
     example_split: str = "test"           # split of the example post
     example: int = 0                      # index of the example post in that split
     rm_pairs: int = 500                   # validation comparisons scored for the reward model's gold correlation (0: all)
+    gold_posts: int = 400                 # test posts summarized by SFT and PPO for their paired gold comparison (0: all)
     batch_size: int = 32                  # sequences per forward when scoring and summarizing
     out: str = ""                         # report markdown (default RUN_DIR/report.md; report.json beside it)
     device: str = "auto"                  # auto | cuda | cpu | mps
@@ -130,6 +132,16 @@ def reward_model_vs_gold(rm_path: Path, comparisons: list[tldr.Comparison], rt, 
             "rm_gold_summaries": len(summaries)}
 
 
+def paired_difference(before: list[float], after: list[float]) -> tuple[float | None, float | None]:
+    """Mean of after - before over the same items, and its standard error (sample standard deviation over
+    sqrt(n); None below two items). Pairing removes what the items themselves vary by; a difference within
+    about two standard errors of 0 is what reruns of the same chain scatter by."""
+    d = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
+    if len(d) == 0:
+        return None, None
+    return d.mean().item(), (d.std() / len(d) ** 0.5).item() if len(d) > 1 else None
+
+
 @torch.no_grad()
 def summarize_with(ckpt_path: Path, stages, posts: list[tldr.Post], rt, batch_size: int) -> list[str]:
     """Greedy summaries by a checkpoint's model with the prompt template and budgets it was trained with
@@ -204,9 +216,25 @@ def collect(cfg: Config, rt=None) -> dict:
     f["ppo_steps"] = max((r["step"] for r in ppo if "step" in r), default=None)
     f["ppo_eval_prompts"] = _run_config(run / "ppo").get("eval_prompts")
 
+    # PPO against SFT by the gold score on the same test posts: the ppo log's evaluation holds too few
+    # posts for a difference of a few hundredths
+    sft_path, ppo_path = ckpts / "best_sft.pt", ckpts / "ppo_latest.pt"
+    if cfg.world and sft_path.is_file() and ppo_path.is_file():
+        posts = [e.post for e in tldr.load_sft(str(Path(cfg.world) / "tldr"), "test")[:cfg.gold_posts or None]]
+        parts = {name: tldr.gold_breakdowns(posts, summarize_with(path, name, posts, rt, cfg.batch_size))
+                 for name, path in (("sft", sft_path), ("ppo", ppo_path))}
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        for name, bd in parts.items():
+            f[f"test_gold_{name}"] = mean([b["score"] for b in bd])
+            f[f"test_words_{name}"] = mean([b["words"] for b in bd])
+            f[f"test_missing_{name}"] = mean([len(b["missing"]) for b in bd])
+            f[f"test_wrong_{name}"] = mean([len(b["wrong"]) for b in bd])
+        f["test_gold_diff"], f["test_gold_se"] = paired_difference(*([b["score"] for b in parts[name]]
+                                                                     for name in ("sft", "ppo")))
+        f["test_gold_posts"] = len(posts)
+
     # one post, both summarizers
     example = None
-    sft_path, ppo_path = ckpts / "best_sft.pt", ckpts / "ppo_latest.pt"
     if sft_path.is_file() and ppo_path.is_file():
         data = cfg.posts or (str(Path(cfg.world) / "tldr") if cfg.world else "CarperAI/openai_summarize_tldr")
         rows = tldr.load_sft(data, cfg.example_split)
@@ -245,6 +273,10 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{v:+.4f}"
+
+
 def table_rows(f: dict) -> list[tuple[str, str, str, str]]:
     """(metric, before, after, where it comes from) for every row of the table."""
     g = f.get
@@ -277,6 +309,13 @@ def table_rows(f: dict) -> list[tuple[str, str, str, str]]:
          f"ppo log eval, SFT → step {_fmt(g('ppo_steps'))}"),
         ("PPO: KL to SFT (nats per summary)", _fmt(g("ppo_kl_first")), _fmt(g("ppo_kl_last")), "ppo log eval"),
         ("PPO: gold score (greedy)", _fmt(g("ppo_gold_first")), _fmt(g("ppo_gold_last")), "ppo log eval"),
+        ("PPO: gold score, SFT and PPO on the same test posts", _fmt(g("test_gold_sft")), _fmt(g("test_gold_ppo")),
+         f"report.py, {_fmt(g('test_gold_posts'))} test posts: PPO - SFT {_signed(g('test_gold_diff'))} "
+         f"(standard error {_fmt(g('test_gold_se'))})"),
+        ("summaries: words / missing details / wrong facts",
+         " / ".join(_fmt(g(f"test_{k}_sft"), 2) for k in ("words", "missing", "wrong")),
+         " / ".join(_fmt(g(f"test_{k}_ppo"), 2) for k in ("words", "missing", "wrong")),
+         "report.py, the same test posts, means per summary (SFT → PPO)"),
         ("PPO: win rate over SFT by the reward model", "", pct(g("ppo_win_rate")),
          f"ppo log eval, {_fmt(g('ppo_eval_prompts'))} held-out posts"),
         ("PPO: rollout reward-model score / KL", f"{_fmt(g('ppo_train_rm_score_first'))} / {_fmt(g('ppo_train_kl_first'))}",

@@ -74,6 +74,24 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     n, n_wrong = figures["rm_gold_summaries"] // 2, figures["rm_gold_wrong_fact_pairs"]
     assert figures["rm_gold_pair_accuracy"] == pytest.approx(
         (n_wrong * figures["rm_gold_pair_accuracy_wrong_fact"] + (n - n_wrong) * figures["rm_gold_pair_accuracy_other"]) / n)
+    # SFT and PPO on the same test posts: the SFT side recomputed here from best_sft.pt
+    import tldr
+    from common import load_checkpoint
+    from model import GPT, build_model
+    test_rows = [json.loads(l) for l in (work / "data" / "synthetic_tiny" / "tldr" / "test.jsonl").open()]
+    assert figures["test_gold_posts"] == len(test_rows) >= 2
+    sft_ckpt = load_checkpoint(ckpts / "best_sft.pt", "sft")
+    sft_model = build_model({**sft_ckpt, "model_config": {**sft_ckpt["model_config"], "dropout": 0.0}}, GPT)
+    posts = [tldr.parse_prompt(r["prompt"]) for r in test_rows]
+    info = sft_ckpt["tldr"]
+    summaries = tldr.generate_summaries(sft_model, posts, max_new_tokens=info["max_summary_tokens"],
+                                        max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
+    gold = [synthetic.gold_score(r["prompt"], s) for r, s in zip(test_rows, summaries)]
+    assert figures["test_gold_sft"] == pytest.approx(np.mean(gold))
+    assert figures["test_gold_diff"] == pytest.approx(figures["test_gold_ppo"] - figures["test_gold_sft"])
+    assert figures["test_gold_se"] > 0 or figures["test_gold_sft"] == figures["test_gold_ppo"]
+    assert figures["test_words_sft"] == pytest.approx(np.mean([synthetic.gold_breakdown(r["prompt"], s)["words"]
+                                                               for r, s in zip(test_rows, summaries)]))
     hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
     assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
 
@@ -249,6 +267,16 @@ def test_correlations_against_references():
     rc, rr = torch.tensor([1.0, 0.3, 5.0, 0.0]), torch.tensor([0.0, 0.1, 4.0, 1.0])
     gc, gr = torch.tensor([0.9, 0.6, 0.5, 0.7]), torch.tensor([0.1, 0.5, 0.5, 0.2])
     assert report.gold_agreement(rc, rr, gc, gr) == pytest.approx(2 / 3)
+
+
+def test_paired_difference_against_hand_values():
+    import report
+    # differences 0.2, 0.0, -0.3: mean -1/30; deviations 7/30, 1/30, -8/30 give a sample variance of
+    # (49 + 1 + 64) / 900 / 2, so a standard error of sqrt(114 / 1800 / 3)
+    diff, se = report.paired_difference([0.5, 0.2, 0.9], [0.7, 0.2, 0.6])
+    assert diff == pytest.approx(-1 / 30) and se == pytest.approx(math.sqrt(114 / 1800 / 3))
+    assert report.paired_difference([0.4], [0.5]) == (pytest.approx(0.1), None)
+    assert report.paired_difference([], []) == (None, None)
 
 
 def test_report_cli_errors(tmp_path):
