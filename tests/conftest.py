@@ -20,6 +20,16 @@ def tiny_config():
     return GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64)
 
 
+def skip_without_cpu_fp16():
+    """Skip the calling test where this torch build has no CPU float16 autocast (fp16 paths on a CPU)."""
+    import torch
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+    except RuntimeError:
+        pytest.skip("this torch has no CPU float16 autocast")
+
+
 def run_script(args, cwd=None, env=None, timeout=300):
     """Run a project script in a fresh interpreter, as a user would; returns CompletedProcess."""
     import subprocess

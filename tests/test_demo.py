@@ -74,24 +74,27 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     n, n_wrong = figures["rm_gold_summaries"] // 2, figures["rm_gold_wrong_fact_pairs"]
     assert figures["rm_gold_pair_accuracy"] == pytest.approx(
         (n_wrong * figures["rm_gold_pair_accuracy_wrong_fact"] + (n - n_wrong) * figures["rm_gold_pair_accuracy_other"]) / n)
-    # SFT and PPO on the same test posts: the SFT side recomputed here from best_sft.pt
+    # SFT and PPO on the same test posts, both sides recomputed here from their checkpoints
     import tldr
     from common import load_checkpoint
     from model import GPT, build_model
     test_rows = [json.loads(l) for l in (work / "data" / "synthetic_tiny" / "tldr" / "test.jsonl").open()]
     assert figures["test_gold_posts"] == len(test_rows) >= 2
-    sft_ckpt = load_checkpoint(ckpts / "best_sft.pt", "sft")
-    sft_model = build_model({**sft_ckpt, "model_config": {**sft_ckpt["model_config"], "dropout": 0.0}}, GPT)
     posts = [tldr.parse_prompt(r["prompt"]) for r in test_rows]
-    info = sft_ckpt["tldr"]
-    summaries = tldr.generate_summaries(sft_model, posts, max_new_tokens=info["max_summary_tokens"],
-                                        max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
-    gold = [synthetic.gold_score(r["prompt"], s) for r, s in zip(test_rows, summaries)]
-    assert figures["test_gold_sft"] == pytest.approx(np.mean(gold))
-    assert figures["test_gold_diff"] == pytest.approx(figures["test_gold_ppo"] - figures["test_gold_sft"])
-    assert figures["test_gold_se"] > 0 or figures["test_gold_sft"] == figures["test_gold_ppo"]
-    assert figures["test_words_sft"] == pytest.approx(np.mean([synthetic.gold_breakdown(r["prompt"], s)["words"]
-                                                               for r, s in zip(test_rows, summaries)]))
+    gold = {}
+    for name, stage in (("best_sft.pt", "sft"), ("ppo_latest.pt", "ppo")):
+        ckpt = load_checkpoint(ckpts / name, stage)
+        model = build_model({**ckpt, "model_config": {**ckpt["model_config"], "dropout": 0.0}}, GPT)
+        info = ckpt["tldr"]
+        summaries = tldr.generate_summaries(model, posts, max_new_tokens=info["max_summary_tokens"],
+                                            max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
+        parts = [synthetic.gold_breakdown(r["prompt"], s) for r, s in zip(test_rows, summaries)]
+        gold[stage] = np.array([b["score"] for b in parts])
+        assert figures[f"test_gold_{stage}"] == pytest.approx(gold[stage].mean())
+        assert figures[f"test_words_{stage}"] == pytest.approx(np.mean([b["words"] for b in parts]))
+    diff = gold["ppo"] - gold["sft"]
+    assert figures["test_gold_diff"] == pytest.approx(diff.mean(), abs=1e-12)
+    assert figures["test_gold_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(len(diff)), abs=1e-12)
     hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
     assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
 
@@ -267,6 +270,33 @@ def test_correlations_against_references():
     rc, rr = torch.tensor([1.0, 0.3, 5.0, 0.0]), torch.tensor([0.0, 0.1, 4.0, 1.0])
     gc, gr = torch.tensor([0.9, 0.6, 0.5, 0.7]), torch.tensor([0.1, 0.5, 0.5, 0.2])
     assert report.gold_agreement(rc, rr, gc, gr) == pytest.approx(2 / 3)
+
+
+def test_report_compares_sft_and_ppo_on_the_same_test_posts(tmp_path, monkeypatch):
+    """The wiring of the paired comparison, with stand-in summarizers: the SFT side gets each post's
+    reference summary, the PPO side a summary cut short, so the two sides' gold scores differ."""
+    import report
+    import synthetic
+    from common import config_from
+    posts = synthetic.make_world(seed=0, num_posts=50)["test"][:4]
+    (tmp_path / "world" / "tldr").mkdir(parents=True)
+    (tmp_path / "world" / "tldr" / "test.jsonl").write_text(
+        "".join(json.dumps({"prompt": p.prompt, "label": p.summary}) + "\n" for p in posts))
+    (tmp_path / "ckpts").mkdir()
+    for name in ("best_sft.pt", "ppo_latest.pt"):
+        (tmp_path / "ckpts" / name).write_bytes(b"x")
+    made = {"sft": [p.summary for p in posts], "ppo": [" ".join(p.summary.split()[:4]) for p in posts]}
+    monkeypatch.setattr(report, "summarize_with", lambda path, stage, posts_, rt, batch_size: made[stage][:len(posts_)])
+    monkeypatch.setattr(report, "checkpoint_metrics", lambda path, stages: {})  # the files are placeholders
+    (tmp_path / "run").mkdir()
+    cfg = config_from(report.Config, run_dir=str(tmp_path / "run"), ckpt_dir=str(tmp_path / "ckpts"),
+                      world=str(tmp_path / "world"), gold_posts=3, example_split="test")
+    f = report.collect(cfg)["figures"]
+    gold = {k: np.array([synthetic.gold_score(p.prompt, s) for p, s in zip(posts[:3], v)]) for k, v in made.items()}
+    assert f["test_gold_posts"] == 3
+    assert f["test_gold_sft"] == pytest.approx(gold["sft"].mean()) and f["test_gold_ppo"] == pytest.approx(gold["ppo"].mean())
+    assert f["test_gold_diff"] == pytest.approx((gold["ppo"] - gold["sft"]).mean()) and f["test_gold_diff"] < 0
+    assert f["test_words_sft"] > f["test_words_ppo"] == 4
 
 
 def test_paired_difference_against_hand_values():

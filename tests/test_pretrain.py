@@ -10,7 +10,7 @@ import torch
 
 import pretrain
 from common import Runtime, UserError, config_from, load_checkpoint, lr_at, mfu, optimizer_step, save_checkpoint
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, skip_without_cpu_fp16
 from model import GPT, GPTConfig, build_model
 
 
@@ -95,11 +95,7 @@ def test_torchrun_two_processes_match_one(pretrain_shards, tmp_path):
 # fp16 + GradScaler and non-finite losses
 
 def test_fp16_gradscaler_runs_and_resumes_on_cpu(pretrain_shards, tmp_path):
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.ones(2, 2) @ torch.ones(2, 2)
-    except RuntimeError:
-        pytest.skip("this torch has no CPU float16 autocast")
+    skip_without_cpu_fp16()
     # CPU float16 matmuls are emulated (~10x slower than float32): few tokens, no val loss
     kw = dict(max_steps=3, warmup_steps=1, eval_every=0, num_samples=0, dtype="float16", seq_len=16, micro_batch=2,
               total_batch_tokens=32, val_tokens=0)

@@ -13,7 +13,7 @@ import reward_model as rm
 import synthetic
 import tldr
 from common import UserError, cli_main, config_from, load_checkpoint, save_checkpoint
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, skip_without_cpu_fp16
 from model import GPT, TOKENIZER_VOCAB, GPTConfig, ScoreModel
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=64, max_summary_tokens=24)
@@ -155,13 +155,8 @@ def test_resume_is_exact(tiny, tiny_run, tmp_path):
         assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
 
 
-
 def test_fp16_skipped_steps_are_logged_and_survive_a_resume(tiny, tmp_path):
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            torch.ones(2, 2) @ torch.ones(2, 2)
-    except RuntimeError:
-        pytest.skip("this torch has no CPU float16 autocast")
+    skip_without_cpu_fp16()
     kw = dict(dtype="float16", max_steps=4, eval_every=0)
     straight = rm.main(tiny_cfg(tiny, tmp_path / "straight", **kw))
     rm.main(tiny_cfg(tiny, tmp_path / "split", stop_at=2, **kw))
@@ -170,6 +165,7 @@ def test_fp16_skipped_steps_are_logged_and_survive_a_resume(tiny, tmp_path):
     # the GradScaler's first scale (2**16) overflows fp16 gradients: the first step is skipped, counted
     assert logged == sorted(logged) and logged[0] == 1 and straight["skipped_steps"] == logged[-1]
     assert split["skipped_steps"] == straight["skipped_steps"]  # the count continues across --resume
+
 
 def test_best_checkpoint_is_normalised_on_reference_summaries(tiny, tiny_run):
     out, result = tiny_run
