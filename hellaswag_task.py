@@ -328,7 +328,7 @@ def load_init(init: str, ckpt_dir: str) -> GPT:
     from sft import load_init as sft_load_init
     model, _ = sft_load_init(init, ckpt_dir)
     if model.config.dropout:
-        model = build_model({"model_config": {**model.config.__dict__, "dropout": 0.0}, "model": model.state_dict()}, GPT)
+        model = build_model({"model_config": model.config.__dict__, "model": model.state_dict()}, GPT, dropout=0.0)
     return model
 
 
@@ -405,7 +405,7 @@ class HellaswagTask:
         if resume is not None:
             if resume.get("task") != "hellaswag" or resume.get("hellaswag", {}).get("init") != cfg.init:
                 raise UserError(f"{cfg.ckpt} was not trained by --task hellaswag from --init {cfg.init}")
-            policy = build_model({**resume, "model_config": {**resume["model_config"], "dropout": 0.0}}, GPT)
+            policy = build_model(resume, GPT, dropout=0.0)
         else:
             policy = load_init(cfg.init, cfg.ckpt_dir)
         budget = cfg.max_prompt_tokens or ref.config.block_size - cfg.response_length

@@ -64,7 +64,6 @@ def causal_padding_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Te
     """Boolean (B, 1, Tq, past+Tq) mask: causal, real keys only. Every query also sees itself so
     that a padding query has one key to attend to (its output is unused but must stay finite)."""
     B, L = attention_mask.shape
-    Tq = L - past
     q_idx = torch.arange(past, L, device=attention_mask.device)[:, None]  # (Tq, 1)
     k_idx = torch.arange(L, device=attention_mask.device)[None, :]        # (1, L)
     causal = k_idx <= q_idx                                                # (Tq, L)
@@ -476,9 +475,11 @@ def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), idx, torch.zeros_like(idx)).max(dim=1).values
 
 
-def build_model(ckpt: dict, cls=None) -> nn.Module:
-    """A GPT or ScoreModel from a loaded checkpoint dict (its `model_config` and `model`)."""
-    config = GPTConfig.from_dict(ckpt["model_config"])
+def build_model(ckpt: dict, cls=None, dropout: float | None = None) -> nn.Module:
+    """A GPT or ScoreModel from a loaded checkpoint dict (its `model_config` and `model`); `dropout`, when
+    given, replaces the trained value (0.0 for evaluation, generation and RLHF, which never use it)."""
+    overrides = {} if dropout is None else {"dropout": dropout}
+    config = GPTConfig.from_dict({**ckpt["model_config"], **overrides})
     if cls is None:
         cls = ScoreModel if "score_head.weight" in ckpt["model"] else GPT
     model = cls(config)

@@ -42,7 +42,7 @@ import tldr
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
                     load_checkpoint, model_state_dict, prepare_for_training, print0, resolve_ckpt,
                     restore_training_state, rng_state, same_weights, save_checkpoint)
-from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, last_real_index, sampling_logprobs
+from model import EOS_ID, GPT, PAD_ID, ScoreModel, build_model, last_real_index, sampling_logprobs
 from reward_model import load_reward_model
 
 STAGE = "ppo"
@@ -280,13 +280,6 @@ class PolicyAndValue(nn.Module):
         logits = response_logits(self.policy, idx, attention_mask, start)          # (K, V)
         values = self.value(idx, attention_mask)[:, start - 1:-1]                  # (B, N)
         return logits, values
-
-
-def lm_from_checkpoint(ckpt: dict) -> GPT:
-    """A GPT with dropout off (RLHF never uses it) from a loaded checkpoint."""
-    model = GPT(GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -654,8 +647,8 @@ def load_policy(cfg: Config, resume: dict | None) -> tuple[GPT, GPT, dict]:
     SFT model or, on --resume, the checkpoint's."""
     sft = load_checkpoint(cfg.sft, POLICY_STAGES, "cpu", cfg.ckpt_dir)
     info = dict(sft.get("tldr") or tldr.template_info())
-    ref = frozen(lm_from_checkpoint(sft))
-    policy = lm_from_checkpoint(resume if resume is not None else sft)
+    ref = frozen(build_model(sft, GPT, dropout=0.0))
+    policy = build_model(resume if resume is not None else sft, GPT, dropout=0.0)
     if resume is not None and resume.get("tldr", {}).get("template") != info["template"]:
         raise UserError(f"{cfg.ckpt} was trained with another prompt template than {cfg.sft}")
     if cfg.max_prompt_tokens:
@@ -685,8 +678,8 @@ def main(cfg: Config) -> dict:
     ref.to(rt.device)
     task = TASKS[cfg.task](cfg, info, rt)
     if resume is not None:
-        value = ScoreModel(GPTConfig.from_dict({**resume["value_config"], "dropout": 0.0}))
-        value.load_state_dict(resume["value_model"])
+        value = build_model({"model_config": resume["value_config"], "model": resume["value_model"]}, ScoreModel,
+                            dropout=0.0)
     else:
         value = task.reward.value_model()
     if value.config.block_size < info["max_prompt_tokens"] + cfg.response_length:

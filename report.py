@@ -147,7 +147,7 @@ def summarize_with(ckpt_path: Path, stages, posts: list[tldr.Post], rt, batch_si
     """Greedy summaries by a checkpoint's model with the prompt template and budgets it was trained with
     (what summarize.py does)."""
     ckpt = load_checkpoint(ckpt_path, stages)
-    model = build_model({**ckpt, "model_config": {**ckpt["model_config"], "dropout": 0.0}}, GPT).to(rt.device)
+    model = build_model(ckpt, GPT, dropout=0.0).to(rt.device)
     info = ckpt.get("tldr") or tldr.template_info()
     return tldr.generate_summaries(model, posts, rt, batch_size, info["max_summary_tokens"],
                                    max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])

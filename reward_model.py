@@ -37,7 +37,7 @@ import tldr
 from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
                     load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
                     restore_training_state, rng_state, save_checkpoint, unwrap)
-from model import GPT, PAD_ID, GPTConfig, ScoreModel
+from model import GPT, PAD_ID, GPTConfig, ScoreModel, build_model
 
 STAGE = "reward_model"
 INIT_STAGES = ("sft",)
@@ -206,10 +206,7 @@ def load_reward_model(path: str, map_location="cpu", ckpt_dir: str = "checkpoint
     if "reward_norm" not in ckpt:
         raise UserError(f"{path} has no reward normalisation: it is a training snapshot, not a finished reward "
                         f"model; use the --best-ckpt checkpoint ({Config.best_ckpt})")
-    config = GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
-    model = ScoreModel(config)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
+    return build_model(ckpt, ScoreModel, dropout=0.0).eval(), ckpt
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import torch
 
 import tldr
 from common import UserError, cli_main, compute_init, die, load_checkpoint, resolve_ckpt
-from model import GPT, GPTConfig
+from model import GPT, build_model
 
 STAGES = ("ppo", "sft")
 DEFAULT_CKPT, FALLBACK_CKPT = "ppo_latest.pt", "best_sft.pt"
@@ -126,9 +126,7 @@ def main(cfg: Config) -> list[str]:
     # --- model: the checkpoint's weights and the prompt template it was trained with
     ckpt = find_checkpoint(cfg)
     rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
-    model = GPT(GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0}))
-    model.load_state_dict(ckpt["model"])
-    model.to(rt.device).eval()
+    model = build_model(ckpt, GPT, dropout=0.0).to(rt.device).eval()
     info = ckpt.get("tldr") or tldr.template_info()
     max_new = cfg.max_new_tokens or info["max_summary_tokens"]
 

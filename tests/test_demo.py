@@ -84,7 +84,7 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     gold = {}
     for name, stage in (("best_sft.pt", "sft"), ("ppo_latest.pt", "ppo")):
         ckpt = load_checkpoint(ckpts / name, stage)
-        model = build_model({**ckpt, "model_config": {**ckpt["model_config"], "dropout": 0.0}}, GPT)
+        model = build_model(ckpt, GPT, dropout=0.0)
         info = ckpt["tldr"]
         summaries = tldr.generate_summaries(model, posts, max_new_tokens=info["max_summary_tokens"],
                                             max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])

@@ -20,7 +20,7 @@ import hellaswag_task as ht
 import ppo
 from common import UserError, compute_init, config_from, get_tokenizer, load_checkpoint, save_checkpoint
 from conftest import ROOT, run_script
-from model import GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel
+from model import GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, build_model
 
 UNICODE = "Zoë's café – naïve 😀 ünïcödé"
 
@@ -239,7 +239,7 @@ def test_label_run_resumes_exactly_and_evaluates_on_val(tiny_init, synthetic_dir
     for k, v in ck_a["model"].items():
         assert torch.equal(v, ck_b["model"][k]), k
     # what hellaswag.py evaluates from the checkpoint is what the run reported
-    policy = ppo.lm_from_checkpoint(ck_a)
+    policy = build_model(ck_a, GPT, dropout=0.0)
     rows = hellaswag.load_rows(synthetic_dir / "hellaswag" / "hellaswag_val.jsonl", limit=8)
     res = hellaswag.evaluate(policy, rows, style="completion", progress=False)
     assert res["completion"]["acc_norm"] == straight["eval_acc_norm"]

@@ -14,7 +14,7 @@ import ppo
 import tldr
 from common import UserError, compute_init, config_from, load_checkpoint, save_checkpoint
 from conftest import ROOT, run_script
-from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel
+from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, build_model
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=80, max_summary_tokens=12)
 
@@ -248,7 +248,7 @@ def test_tiny_run_end_to_end_exact_resume_and_summarize(tiny_ckpts, synthetic_di
     r = run_script([ROOT / "summarize.py", "--ckpt", tmp_path / "a" / "ppo_latest.pt", "--subreddit", post.subreddit,
                     "--title", post.title, post.post])
     assert r.returncode == 0, r.stderr
-    policy = ppo.lm_from_checkpoint(ck_a).eval()
+    policy = build_model(ck_a, GPT, dropout=0.0).eval()
     assert r.stdout.strip() == tldr.generate_summaries(policy, [post], max_new_tokens=TINY_INFO["max_summary_tokens"],
                                                        max_prompt_tokens=TINY_INFO["max_prompt_tokens"])[0]
 
