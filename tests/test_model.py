@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model import (EOS_ID, GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, sampling_logprobs,
+from model import (EOS_ID, GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, sample_tokens, sampling_logprobs,
                    to_hf_state_dict)
 
 
@@ -178,6 +178,27 @@ def test_sampling_logprobs_top_k_top_p():
     assert torch.isfinite(lp[0, :2]).all() and torch.isinf(lp[0, 2:]).all()
     assert probs[0] < 0.7 < probs[0] + probs[1]
     torch.testing.assert_close(sampling_logprobs(logits, 0.5), F.log_softmax(logits / 0.5, -1))
+
+
+def test_sample_tokens_follows_the_distribution(monkeypatch):
+    # rows with masked tokens at both ends and in the middle: those are never drawn, the rest by their mass
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0],
+                          [0.1, 0.0, 0.0, 0.0, 0.0, 0.9],
+                          [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    n = 20000
+    tokens = sample_tokens(probs.repeat(n, 1), torch.Generator().manual_seed(0)).view(n, 3)
+    for row in range(3):
+        freq = torch.bincount(tokens[:, row], minlength=6).float() / n
+        assert (freq[probs[row] == 0] == 0).all()
+        # 5 standard errors of a frequency near 0.5 over 20,000 draws is 0.018
+        assert (freq - probs[row]).abs().max() < 0.018, (row, freq)
+    # the same generator state draws the same tokens; probabilities that do not sum to 1 are fine
+    a = sample_tokens(probs * 3, torch.Generator().manual_seed(5))
+    b = sample_tokens(probs * 3, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    # a draw whose u * total rounds onto the total still lands on a token with mass
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape))
+    assert sample_tokens(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).tolist() == [1]
 
 
 def test_seeded_sampling_is_reproducible(tiny_config):
