@@ -697,17 +697,48 @@ def make_comparisons(posts: list[Post], num: int, seed: int = 0, label_noise: fl
         post = rng.choice(posts)
         a, b = rng.choices(kinds, w, k=2)
         ta, tb = summary_variant(post, a, rng), summary_variant(post, b, rng)
-        text = post.prompt
-        sa, sb = gold_score(text, ta), gold_score(text, tb)
-        if ta == tb or abs(sa - sb) < 0.05:  # no ties: gold must pick a clear winner
+        rated = rate_pair(post.prompt, ta, tb, rng, label_noise)
+        if rated is None:
             continue
-        if sa < sb:
-            a, b, ta, tb, sa, sb = b, a, tb, ta, sb, sa
-        flipped = rng.random() < label_noise
-        if flipped:
+        a_chosen, sa, sb, flipped = rated
+        if not a_chosen:
             a, b, ta, tb, sa, sb = b, a, tb, ta, sb, sa
         pairs.append(Comparison(post, ta, tb, a, b, sa, sb, flipped))
     return pairs
+
+
+MIN_GOLD_GAP = 0.05  # the rater labels a pair only when gold picks a clear winner: no ties
+
+
+def rate_pair(post_text: str, a: str, b: str, rng: random.Random,
+              label_noise: float) -> tuple[bool, float, float, bool] | None:
+    """The world's rater on two summaries of one post: None when they are the same text or their gold
+    scores are closer than MIN_GOLD_GAP, else (a_chosen, gold_a, gold_b, flipped): the summary with the
+    higher gold score is chosen, except that the label is flipped with probability label_noise."""
+    sa, sb = gold_score(post_text, a), gold_score(post_text, b)
+    if a == b or abs(sa - sb) < MIN_GOLD_GAP:
+        return None
+    flipped = rng.random() < label_noise
+    return (sa > sb) != flipped, sa, sb, flipped
+
+
+def rate_samples(post_text: str, samples: list[str], rng: random.Random, label_noise: float,
+                 max_pairs: int) -> list[tuple[str, str, bool]]:
+    """Up to max_pairs labelled pairs (chosen, rejected, flipped) among a post's sampled summaries: the
+    distinct non-empty samples are paired every way, pairs rate_pair leaves unlabelled are dropped, and
+    max_pairs of the rest are drawn at random."""
+    samples = [s for s in dict.fromkeys(samples) if s.strip()]
+    pairs = [(a, b) for i, a in enumerate(samples) for b in samples[i + 1:]]
+    rng.shuffle(pairs)
+    out = []
+    for a, b in pairs:
+        if len(out) == max_pairs:
+            break
+        rated = rate_pair(post_text, a, b, rng, label_noise)
+        if rated is not None:
+            a_chosen, _, _, flipped = rated
+            out.append((a, b, flipped) if a_chosen else (b, a, flipped))
+    return out
 
 
 # -----------------------------------------------------------------------------
