@@ -3,7 +3,8 @@
 #
 #   generated data (synthetic.py) or FineWeb-Edu ─ fineweb.py ─> token shards
 #     ─ pretrain.py ─> pretrain.pt ─ hellaswag.py ─> pretrain_hellaswag_val.json
-#     ─ sft.py ─> best_sft.pt ─ reward_model.py ─> reward_model.pt ─ ppo.py ─> ppo_latest.pt ─ summarize.py
+#     ─ sft.py ─> best_sft.pt [─ sample_comparisons.py: small only] ─ reward_model.py ─> reward_model.pt
+#     ─ ppo.py ─> ppo_latest.pt ─ summarize.py
 #   then report.py (runs/<name>/report.md, report.json) and plot.py (runs/<name>/*.png)
 #
 #   ./run.sh small                 # the CPU demo on the generated world (what `make demo` runs)
@@ -22,7 +23,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python beside this script, else python3), NPROC (gpt2: processes
 # per node, default: the number of visible GPUs), and extra flags per stage appended last, so they win:
-# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, RM_ARGS, PPO_ARGS.
+# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, COMPARISONS_ARGS, RM_ARGS, PPO_ARGS.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -167,13 +168,26 @@ if ! finished sft "$CKPT/best_sft.pt"; then
     "${RESUME[@]}" "${_extra[@]}"
 fi
 
+# --- comparisons for the reward model. The real run uses people's comparisons of policy samples
+# (CarperAI); on the small world the rater labels pairs of the SFT model's own samples, which is what
+# lets PPO raise the gold score (the variant comparisons do not). The tiny model's samples are noise
+# with nothing to tell apart, so tiny keeps the variants.
+COMPARISONS="$SYN/comparisons"
+if [[ "$PRESET" == small ]]; then
+  COMPARISONS="$CKPT/comparisons_sft"
+  if ! finished comparisons "$COMPARISONS/manifest.json"; then
+    args "${COMPARISONS_ARGS:-}"
+    run_stage comparisons py "$ROOT/sample_comparisons.py" --policy best_sft.pt --ckpt-dir "$CKPT" --data "$SYN/tldr" \
+      --out "$COMPARISONS" --train-posts 1600 --valid-posts 400 --batch-size 128 "${_extra[@]}"
+  fi
+fi
+
 # --- reward model
 if ! finished reward_model "$CKPT/reward_model.pt"; then
   resume_or_fresh reward_model "$CKPT/reward_model_latest.pt"
   args "${RM_ARGS:-}"
   case "$PRESET" in
-    tiny)  FLAGS=(--preset tiny --data "$SYN/comparisons" --sft-data "$SYN/tldr") ;;
-    small) FLAGS=(--preset small --data "$SYN/comparisons" --sft-data "$SYN/tldr") ;;
+    tiny|small) FLAGS=(--preset "$PRESET" --data "$COMPARISONS" --sft-data "$SYN/tldr") ;;
     gpt2)  FLAGS=(--preset gpt2) ;;
   esac
   run_stage reward_model launch "$ROOT/reward_model.py" "${FLAGS[@]}" --init best_sft.pt --ckpt-dir "$CKPT" \
