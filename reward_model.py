@@ -13,10 +13,14 @@ validation rows) score 0 on average; PPO loads it with `load_reward_model`.
     python reward_model.py --resume                                    # continue checkpoints/reward_model_latest.pt exactly
     python reward_model.py --score --ckpt reward_model.pt --post "..." --summary "..."   # score one pair
 
-Tiny CPU run on generated data (after sft.py):
+Tiny CPU run on generated data (after sft.py): on the variant comparisons synthetic.py writes, or on
+comparisons of the SFT model's own samples (sample_comparisons.py: what PPO needs, see the README)
 
     python synthetic.py --out data/synthetic
     python reward_model.py --preset small --init best_sft.pt --data data/synthetic/comparisons \\
+        --sft-data data/synthetic/tldr
+    python sample_comparisons.py --policy best_sft.pt --data data/synthetic/tldr --out data/synthetic/comparisons_sft
+    python reward_model.py --preset small --init best_sft.pt --data data/synthetic/comparisons_sft \\
         --sft-data data/synthetic/tldr
 
 Writes `checkpoints/reward_model.pt` (stage "reward_model", the best by validation accuracy,
