@@ -436,11 +436,13 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None)
     draws one exponential per vocabulary entry instead, which on the CPU is most of a decode step's time
     for a small model (6.4M draws per step for 128 rows of GPT-2's vocabulary)."""
     cdf = probs.float().cumsum(-1)                                                     # (B, V)
+    total = cdf[:, -1:].contiguous()                                                   # (B, 1)
     u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)             # (B,)
-    # rounding can put u * total on the total itself: fall back to the last token that has mass
-    last_with_mass = probs.size(-1) - 1 - (probs > 0).flip(-1).int().argmax(-1)
-    return torch.minimum(tok, last_with_mass)
+    tok = torch.searchsorted(cdf, u * total, right=True)                               # (B, 1)
+    # rounding can put u * total on the total itself, past every token: take the first token at which
+    # the cumulative mass reaches the total instead (it has mass: the cumulative sum rises there)
+    last_with_mass = torch.searchsorted(cdf, total)                                    # (B, 1)
+    return torch.minimum(tok, last_with_mass).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
