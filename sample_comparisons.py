@@ -100,7 +100,7 @@ def main(cfg: Config) -> dict:
     limits = {"train": cfg.train_posts, "valid": cfg.valid_posts}
 
     # --- sample each split's posts, label pairs of the samples
-    manifest = {"policy": str(cfg.policy), "config": asdict(cfg), "splits": {}}
+    manifest = {"config": asdict(cfg), "splits": {}}  # config.policy names the sampled checkpoint
     rows_by_split = {}
     for split in SPLITS:
         posts = [e.post for e in tldr.load_sft(cfg.data, split)]
