@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,14 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class DecodeStep(NamedTuple):
+    """One step of GPT.decode_steps, for a batch of B rows."""
+    tokens: torch.Tensor    # (B,) the new token of each row (pad_id for a row that has ended)
+    logprobs: torch.Tensor  # (B,) its log-prob under the sampling distribution (0 for an ended row)
+    real: torch.Tensor      # (B,) bool: the row had not ended, so its token is real (an EOS included)
+    logp: torch.Tensor      # (B, V) the sampling distribution's log-probs (for a server's top tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -291,6 +300,24 @@ class GPT(nn.Module):
         the new tokens (pad_id after a row's EOS), their log-probs under the distribution they were
         drawn from (temperature, top-k and top-p applied; greedy reports temperature 1), and a 0/1 mask
         of real tokens (the EOS included)."""
+        steps = list(self.decode_steps(idx, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_id,
+                                       min_new_tokens, generator, pad_id))
+        return (torch.stack([s.tokens for s in steps], 1), torch.stack([s.logprobs for s in steps], 1),
+                torch.stack([s.real.long() for s in steps], 1))
+
+    @torch.no_grad()
+    def decode_steps(self, idx, attention_mask=None, max_new_tokens: int = 64, temperature=1.0, top_k=None,
+                     top_p=None, eos_id: int | None = EOS_ID, min_new_tokens: int = 0, generator=None,
+                     pad_id: int = PAD_ID, stop: torch.Tensor | None = None):
+        """What `generate` does, one new token per row at a time: yields a DecodeStep per step, so that a
+        server can stream each token as it is made.
+
+        The sampling settings may differ from row to row: temperature, top_k and top_p each take a number
+        or a (B,) tensor (temperature 0: greedy; top_k 0 and top_p 1: off), and generator one
+        torch.Generator or a list of one per row (None: the global RNG), so that a row samples exactly as
+        it would alone. `stop`, a (B,) bool tensor the caller may set between steps, ends those rows
+        (a client that went away): they get pad_id from the next step on, and decoding ends early once
+        every row has ended."""
         B, T0 = idx.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -305,29 +332,32 @@ class GPT(nn.Module):
         next_pos = positions_from_mask(attention_mask)[:, -1:] + 1                # (B, 1)
         x = self.hidden_states(idx, mask[:, :T0], cache)[:, -1]                   # (B, C)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        out_tokens, out_logprobs, out_mask = [], [], []
+        greedy = _greedy_rows(temperature, B, idx.device)                        # a bool or (B,)
         for t in range(max_new_tokens):
+            if stop is not None:
+                done = done | stop.to(done.device)
             logits = self.logits(x).float()                                       # (B, V)
             if eos_id is not None and t < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
             logp = sampling_logprobs(logits, temperature, top_k, top_p)           # (B, V)
-            if temperature == 0:
+            if greedy is True:
                 tok = logits.argmax(-1)
-            else:
+            elif greedy is False:
                 tok = sample_tokens(logp.exp(), generator)
+            else:  # a mixed batch: greedy rows take the argmax, the others sample
+                tok = torch.where(greedy, logits.argmax(-1), sample_tokens(logp.exp(), generator))
             tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out_tokens.append(tok)
-            out_logprobs.append(torch.where(done, torch.zeros_like(tok_logp), tok_logp))
-            out_mask.append((~done).long())
+            yield DecodeStep(tok, torch.where(done, torch.zeros_like(tok_logp), tok_logp), ~done, logp)
             if eos_id is not None:
                 done = done | (tok == eos_id)
+            if stop is not None:
+                done = done | stop.to(done.device)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             mask[:, T0 + t] = 1
             x = self.hidden_states(tok[:, None], mask[:, :T0 + t + 1], cache, positions=next_pos)[:, -1]
             next_pos = next_pos + 1
-        return torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_mask, 1)
 
     # --- optimizer and FLOPs ---------------------------------------------------------------------
 
@@ -411,33 +441,76 @@ def to_hf_state_dict(model: GPT) -> dict:
     return out
 
 
-def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None) -> torch.Tensor:
+def _greedy_rows(temperature, rows: int, device):
+    """Which rows decode greedily (temperature 0): a bool when every row agrees, so that a uniform batch
+    takes the single-path code, else a (B,) bool mask."""
+    if not torch.is_tensor(temperature):
+        return temperature == 0
+    if temperature.numel() != rows:
+        raise ValueError(f"a per-row temperature needs {rows} values, got {temperature.numel()}")
+    greedy = temperature.to(device) == 0
+    return bool(greedy[0]) if bool((greedy == greedy[0]).all()) else greedy
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None) -> torch.Tensor:
     """Log-probs (..., V) of the distribution tokens are sampled from. PPO recomputes training
-    log-probs with this same function so rollout and update agree exactly."""
+    log-probs with this same function so rollout and update agree exactly.
+
+    Each setting is a number (None: off) or, for logits (B, V), a (B,) tensor of per-row values:
+    temperature 0 (greedy) is reported at temperature 1, top_k 0 and top_p >= 1 are off."""
     logits = logits.float()
-    if temperature and temperature > 0:
+    V = logits.size(-1)
+    if torch.is_tensor(temperature):
+        t = temperature.to(logits.device, torch.float32)
+        logits = logits / torch.where(t > 0, t, torch.ones_like(t)).unsqueeze(-1)
+    elif temperature and temperature > 0:
         logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
+    if torch.is_tensor(top_k):
+        k = top_k.to(logits.device, torch.long)
+        active = (k > 0) & (k < V)
+        if bool(active.any()):
+            top = torch.topk(logits, int(k[active].max()), dim=-1).values                    # (B, kmax)
+            kth = top.gather(-1, (k.clamp(min=1, max=top.size(-1)) - 1).unsqueeze(-1))         # (B, 1)
+            kth = torch.where(active.unsqueeze(-1), kth, torch.full_like(kth, float("-inf")))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif top_k is not None and 0 < top_k < V:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the top token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    if torch.is_tensor(top_p):
+        p = top_p.to(logits.device, torch.float32)
+        active = (p > 0) & (p < 1)
+        if bool(active.any()):
+            logits = _top_p_filter(logits, torch.where(active, p, torch.full_like(p, float("inf"))).unsqueeze(-1))
+    elif top_p is not None and 0 < top_p < 1:
+        logits = _top_p_filter(logits, top_p)
     return F.log_softmax(logits, dim=-1)
 
 
-def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def _top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:
+    """Drop a token when the mass before it already reaches top_p (a number or (B, 1); the top token
+    always stays)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(probs: torch.Tensor, generator=None) -> torch.Tensor:
     """One token per row of probs (B, V) by inverse CDF: one uniform draw per row. torch.multinomial
     draws one exponential per vocabulary entry instead, which on the CPU is most of a decode step's time
-    for a small model (6.4M draws per step for 128 rows of GPT-2's vocabulary)."""
+    for a small model (6.4M draws per step for 128 rows of GPT-2's vocabulary).
+
+    generator: one torch.Generator for the batch, or a list of one per row (None entries: the global
+    RNG), so that a row draws the same numbers in any batch as it would alone."""
     cdf = probs.float().cumsum(-1)                                                     # (B, V)
     total = cdf[:, -1:].contiguous()                                                   # (B, 1)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != probs.size(0):
+            raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows")
+        u = torch.cat([torch.rand(1, 1, generator=g, device=probs.device) for g in generator])
+    else:
+        u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
     tok = torch.searchsorted(cdf, u * total, right=True)                               # (B, 1)
     # rounding can put u * total on the total itself, past every token: take the first token at which
     # the cumulative mass reaches the total instead (it has mass: the cumulative sum rises there)

@@ -210,6 +210,47 @@ def test_seeded_sampling_is_reproducible(tiny_config):
     assert torch.equal(a[0], b[0])
 
 
+def test_per_row_sampling_settings_equal_each_row_alone(tiny_config):
+    """A batch whose rows each have their own temperature (greedy among them), top-k, top-p and generator
+    gives every row the tokens and log-probs it gets alone with scalar settings: what lets a server batch
+    requests with different settings."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(10)  # peaked enough that top-k / top-p cut real mass
+    rows = [_ids(1, 4, seed=20)[0].tolist(), _ids(1, 2, seed=21)[0].tolist(), _ids(1, 3, seed=22)[0].tolist()]
+    temps, ks, ps, seeds = [0.0, 0.7, 1.2], [0, 5, 0], [1.0, 1.0, 0.8], [1, 2, 3]
+    idx, mask = _left_pad(rows)
+    tokens, logprobs, _ = model.generate(idx, mask, 10, torch.tensor(temps), torch.tensor(ks), torch.tensor(ps),
+                                         eos_id=None, generator=[torch.Generator().manual_seed(s) for s in seeds])
+    for i, row in enumerate(rows):
+        alone, alone_lp, _ = model.generate(torch.tensor([row]), None, 10, temps[i], ks[i] or None,
+                                            ps[i] if ps[i] < 1 else None, eos_id=None,
+                                            generator=torch.Generator().manual_seed(seeds[i]))
+        assert tokens[i].tolist() == alone[0].tolist()
+        torch.testing.assert_close(logprobs[i], alone_lp[0], atol=1e-5, rtol=0)
+    logits = torch.randn(3, 50)
+    per_row = sampling_logprobs(logits, torch.tensor(temps), torch.tensor(ks), torch.tensor(ps))
+    for i in range(3):
+        torch.testing.assert_close(per_row[i], sampling_logprobs(logits[i:i + 1], temps[i], ks[i] or None, ps[i])[0])
+
+
+def test_decode_steps_stop_ends_a_row(tiny_config):
+    """Setting a row's `stop` flag between steps pads that row from the next step on; the other row goes on,
+    and decoding ends as soon as every row has stopped."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    stop = torch.zeros(2, dtype=torch.bool)
+    steps = model.decode_steps(_ids(2, 5, seed=23), max_new_tokens=20, temperature=0, eos_id=None, stop=stop)
+    first = next(steps)
+    assert first.real.tolist() == [True, True] and first.logp.shape == (2, tiny_config.vocab_size)
+    stop[0] = True
+    second = next(steps)
+    assert second.tokens[0] == PAD_ID and second.real.tolist() == [False, True]
+    stop[1] = True
+    assert list(steps) == []
+
+
 def test_score_model_reward_at_last_real_token(tiny_config):
     torch.manual_seed(0)
     lm = GPT(tiny_config)
