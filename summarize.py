@@ -117,6 +117,29 @@ def check_config(cfg: Config):
         raise UserError("--num-samples > 1 needs --temperature > 0 (greedy decoding gives one summary)")
 
 
+@dataclass
+class Summarizer:
+    """A summarizer checkpoint ready to generate: the model on its device and the prompt template and token
+    budgets it was trained with (the checkpoint's "tldr" entry). summarize.py and serve.py both build prompts
+    through it, so a post becomes the same tokens in either."""
+    model: GPT
+    info: dict            # template, max_prompt_tokens, max_summary_tokens
+    stage: str
+    step: int
+    metrics: dict
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device) -> "Summarizer":
+        model = build_model(ckpt, GPT, dropout=0.0).to(device).eval()
+        return cls(model, ckpt.get("tldr") or tldr.template_info(), ckpt["stage"], int(ckpt.get("step", 0)),
+                   dict(ckpt.get("metrics") or {}))
+
+    def prompt(self, post: tldr.Post, max_new_tokens: int) -> tuple[list[int], bool]:
+        """(prompt tokens, whether the post was cut to fit) for a summary of up to max_new_tokens."""
+        budget = tldr.prompt_budget(self.model.config.block_size, max_new_tokens, self.info["max_prompt_tokens"])
+        return tldr.prompt_tokens(post, budget, self.info["template"])
+
+
 def main(cfg: Config) -> list[str]:
     # --- config
     check_config(cfg)
@@ -126,24 +149,21 @@ def main(cfg: Config) -> list[str]:
     # --- model: the checkpoint's weights and the prompt template it was trained with
     ckpt = find_checkpoint(cfg)
     rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
-    model = build_model(ckpt, GPT, dropout=0.0).to(rt.device).eval()
-    info = ckpt.get("tldr") or tldr.template_info()
+    summarizer = Summarizer.from_checkpoint(ckpt, rt.device)
+    info = summarizer.info
     max_new = cfg.max_new_tokens or info["max_summary_tokens"]
 
     # --- prompt: truncated exactly as generate_summaries will, to say so
-    budget = min(info["max_prompt_tokens"], model.config.block_size - max_new)
-    if budget <= 0:
-        raise UserError(f"--max-new-tokens {max_new} leaves no room for a prompt in the model's "
-                        f"{model.config.block_size}-token context")
-    ids, truncated = tldr.prompt_tokens(post, budget, info["template"])
+    ids, truncated = summarizer.prompt(post, max_new)
     if truncated:
         full = len(tldr.prompt_tokens(post, 10 ** 9, info["template"])[0])
+        budget = tldr.prompt_budget(summarizer.model.config.block_size, max_new, info["max_prompt_tokens"])
         print(f"note: the prompt is {full} tokens, over the model's {budget}-token budget; the post was cut to fit "
               f"({len(ids)} tokens), as in training", file=sys.stderr, flush=True)
 
     # --- generate
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    summaries = tldr.generate_summaries(model, [post] * cfg.num_samples, rt, batch_size=cfg.num_samples,
+    summaries = tldr.generate_summaries(summarizer.model, [post] * cfg.num_samples, rt, batch_size=cfg.num_samples,
                                         max_new_tokens=max_new, temperature=cfg.temperature,
                                         max_prompt_tokens=info["max_prompt_tokens"], template=info["template"],
                                         top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None,

@@ -432,6 +432,16 @@ def template_info(template: str = TEMPLATE, max_prompt_tokens: int = MAX_PROMPT_
 # -----------------------------------------------------------------------------
 # summaries from a model, and their gold score on generated data
 
+def prompt_budget(block_size: int, max_new_tokens: int, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> int:
+    """Prompt tokens a model can take when it will add max_new_tokens: the checkpoint's prompt budget, or
+    less where the context is shorter (every summarizer, CLI and server, cuts posts to this)."""
+    budget = min(max_prompt_tokens, block_size - max_new_tokens)
+    if budget <= 0:
+        raise UserError(f"the model's block size {block_size} leaves no room for a prompt and "
+                        f"{max_new_tokens} new tokens")
+    return budget
+
+
 @torch.no_grad()
 def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int = 16,
                        max_new_tokens: int = MAX_SUMMARY_TOKENS, temperature: float = 0.0,
@@ -443,19 +453,30 @@ def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int 
 
     rt (a common.Runtime) supplies autocast; without it the model's own device and dtype are used.
     Prompts are batched by length to waste little padding; the result keeps the order of posts."""
+    return generate_summaries_and_ends(model, posts, rt, batch_size, max_new_tokens, temperature, max_prompt_tokens,
+                                       template, top_k, top_p, generator, progress)[0]
+
+
+@torch.no_grad()
+def generate_summaries_and_ends(model, posts: list[Post | str], rt=None, batch_size: int = 16,
+                                max_new_tokens: int = MAX_SUMMARY_TOKENS, temperature: float = 0.0,
+                                max_prompt_tokens: int = MAX_PROMPT_TOKENS, template: str = TEMPLATE,
+                                top_k: int | None = None, top_p: float | None = None,
+                                generator: torch.Generator | None = None,
+                                progress: bool = False) -> tuple[list[str], list[bool]]:
+    """generate_summaries, and for each summary whether the model ended it (emitted EOS) rather than
+    running into max_new_tokens - which the text alone does not tell."""
     from tqdm import tqdm
     if not posts:
-        return []
+        return [], []
     posts = [p if isinstance(p, Post) else Post(str(p)) for p in posts]
     device = next(model.parameters()).device
-    budget = min(max_prompt_tokens, model.config.block_size - max_new_tokens)
-    if budget <= 0:
-        raise UserError(f"the model's block size {model.config.block_size} leaves no room for a prompt and "
-                        f"{max_new_tokens} new tokens")
+    budget = prompt_budget(model.config.block_size, max_new_tokens, max_prompt_tokens)
     tok = get_tokenizer()
     prompts = [prompt_tokens(p, budget, template, tok)[0] for p in posts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    ended: list[bool] = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -467,10 +488,11 @@ def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int 
                                                      temperature=temperature, top_k=top_k, top_p=top_p,
                                                      generator=generator)
             for i, row, m in zip(rows, tokens.cpu(), new_mask.cpu()):
-                out[i] = decode_summary(row[m.bool()].tolist(), tok)
+                new = row[m.bool()].tolist()
+                out[i], ended[i] = decode_summary(new, tok), EOS_ID in new
     finally:
         model.train(was_training)
-    return out
+    return out, ended
 
 
 def gold_breakdowns(posts: list[Post], summaries: list[str]) -> list[dict]:
