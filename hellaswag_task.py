@@ -237,7 +237,26 @@ class Judge:
                 scores[c] = self._rm(contexts[c], continuations[c])
         return scores, scored
 
+    @torch.no_grad()
+    def logprobs(self, contexts: list[str], continuations: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums (N,), counts (N,)): a causal-LM judge's summed log-prob of each continuation's tokens given
+        its context, and how many tokens that is (0 for an empty continuation). What a pairwise question
+        reads its answer from: the probability of the whole answer string, however the judge's tokenizer
+        splits it."""
+        if self.kind != "lm":
+            raise UserError(f"judge {self.name!r} is a {'classifier' if self.kind == 'classifier' else 'reward model'}; "
+                            f"answer log-probabilities need a causal language model")
+        sums, counts = torch.zeros(len(contexts)), torch.zeros(len(contexts))
+        for s in range(0, len(contexts), self.batch_size):
+            c = slice(s, s + self.batch_size)
+            sums[c], counts[c] = self._lm_sums(contexts[c], continuations[c])
+        return sums, counts
+
     def _lm(self, contexts, continuations):
+        sums, counts = self._lm_sums(contexts, continuations)
+        return sums / counts.clamp(min=1), counts > 0
+
+    def _lm_sums(self, contexts, continuations):
         pairs = [judge_pair_tokens(self.tokenizer, a, b) for a, b in zip(contexts, continuations)]
         cut = [max(0, len(ids) - self.max_len) for ids, _, _ in pairs]  # keep the end: the continuation
         seqs = [(ids[k:], max(1, start - k), end - k) for (ids, start, end), k in zip(pairs, cut)]
@@ -250,7 +269,7 @@ class Judge:
             logp = F.log_softmax(logits[r, start - 1:end - 1].float(), dim=-1)
             sums[r] = logp.gather(1, idx[r, start:end, None].to(self.device)).sum().cpu()
             counts[r] = end - start
-        return sums / counts.clamp(min=1), counts > 0
+        return sums, counts
 
     def _classifier(self, contexts, continuations):
         enc = self.tokenizer(list(contexts), list(continuations), padding=True, truncation=True,
