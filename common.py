@@ -115,6 +115,7 @@ def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | 
                                 help=f"{helptext} (default: {default})")
         else:
             parser.add_argument(flag, type=tp, nargs="+" if is_list else None, default=argparse.SUPPRESS,
+                                action="extend" if is_list else "store",
                                 metavar=f.name.upper(), help=f"{helptext} (default: {default})")
     try:
         ns = parser.parse_args(argv)

@@ -37,10 +37,17 @@ async function loadModels() {
     select.add(new Option(`${m.name} (${m.stage}, step ${m.step})`, m.name, m.default, m.default));
   }
   if (models.length > 1) select.add(new Option("all side by side", BOTH));
-  const first = models.find((m) => m.default) || models[0];
-  $("max_new_tokens").value = first.max_new_tokens;
-  $("max_new_tokens").max = Math.min(...models.map((m) => m.max_new_tokens));
+  tokenLimit();
 }
+
+// the token limit follows the chosen model's summary budget (the smallest one for side by side)
+function tokenLimit() {
+  const chosen = $("model").value === BOTH ? models : models.filter((m) => m.name === $("model").value);
+  const budget = Math.min(...chosen.map((m) => m.max_new_tokens));
+  $("max_new_tokens").max = budget;
+  $("max_new_tokens").value = budget;
+}
+$("model").addEventListener("change", tokenLimit);
 
 async function loadExamples() {
   const response = await fetch("/api/examples");

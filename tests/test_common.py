@@ -189,6 +189,7 @@ def test_parse_config_flags_presets_and_help(capsys):
                                               "--files", "a", "b"])
     assert (cfg.max_steps, cfg.learning_rate, cfg.compile, cfg.files, cfg.preset) == (3, 0.25, True, ["a", "b"], "tiny")
     assert common.parse_config(_Cfg, presets, ["--no-compile"]).compile is False
+    assert common.parse_config(_Cfg, presets, ["--files", "a", "--files", "b", "c"]).files == ["a", "b", "c"]  # repeatable
     with pytest.raises(SystemExit) as e:
         common.parse_config(_Cfg, presets, ["--help"])
     assert e.value.code == 0
