@@ -4,11 +4,11 @@
 
 - ROUGE-1/2/L F1 against the reference summaries (rouge-score, stemmed);
 - win rates against the reference summaries and against the SFT model's summaries, judged by our reward
-  model (the higher reward wins), by the generated world's gold score (--gold: the oracle judge) and by
+  model (the higher reward wins), by the generated world's gold score (on its posts: the oracle judge) and by
   a judge language model of any tokenizer (--judge): the pairwise question asked in both orders (A/B
   swapped), the preference read from the judge's log-probabilities of the answers " A" and " B", a tie
   where the two orders disagree. Each with a 95% Wilson score interval, a tie counting half a win;
-- on the generated world (--gold), the gold score and its parts (length, missing details, wrong facts)
+- on the generated world, the gold score and its parts (length, missing details, wrong facts)
   with the paired difference to the SFT model on the same posts and its standard error, and the reward
   model's agreement with the gold score on the world's comparisons (--comparisons);
 - words per summary, the share of summaries the model ended itself (EOS) and the share of summary
@@ -16,7 +16,7 @@
 
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge Qwen/Qwen2.5-7B-Instruct --posts 1000   # one GPU
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --rm reward_model.pt --posts 1000 --judge-dtype bf16
-    python eval_summaries.py --ckpt-dir checkpoints/small --data data/synthetic/tldr --gold \\
+    python eval_summaries.py --ckpt-dir checkpoints/small --data data/synthetic/tldr \\
         --comparisons data/synthetic/comparisons --posts 400 --out-dir runs/small/eval                 # CPU, generated world
     python eval_summaries.py --data ../shared/realdata/tldr --split valid --posts 20 --rm ""          # a local folder of posts
 
@@ -65,7 +65,7 @@ class Config:
     data: str = "CarperAI/openai_summarize_tldr"  # posts with reference summaries: a hub dataset or a local folder (tldr.py's schemas)
     split: str = "test"                   # split of --data
     posts: int = 1000                     # evaluate the first this many posts of the split (all of them when it has fewer)
-    gold: bool = False                    # the generated world's gold score and its oracle judge (posts written by synthetic.py only)
+    gold: str = "auto"                    # the generated world's gold score and its oracle judge: auto (when --data was written by synthetic.py) | on | off
     comparisons: str = ""                 # the world's comparisons for the reward model's agreement with the gold score ("": skip)
     rm_pairs: int = 500                   # valid pairs of --comparisons scored for that agreement (0: all)
     example: int = 0                      # index of the post shown as the example (its reference and every policy's summary)
@@ -367,14 +367,18 @@ def check_config(cfg: Config) -> tuple[dict[str, Path], Path | None, Path | None
         if path is not None and not path.is_file():
             raise UserError(f"{flag} checkpoint not found: {path} (pass {flag} \"\" to leave it out)")
         found.append(path)
-    if cfg.comparisons and not (cfg.gold and cfg.rm):
-        raise UserError("--comparisons measures the reward model against the gold score: it needs --rm and --gold")
+    from ppo import use_gold
+    if cfg.comparisons and not (use_gold(cfg.gold, cfg.data) and cfg.rm):
+        raise UserError("--comparisons measures the reward model against the gold score: it needs --rm and posts of "
+                        "the generated world (--gold)")
     return paths, found[0], found[1]
 
 
 def main(cfg: Config) -> dict:
     # --- config and inputs: every user error before a model is loaded
     paths, sft_path, rm_path = check_config(cfg)
+    from ppo import use_gold
+    gold = use_gold(cfg.gold, cfg.data)
     rt = compute_init(0, cfg.device, cfg.dtype)
     judge = load_judge(cfg, rt) if cfg.judge else None
     rows = tldr.load_sft(cfg.data, cfg.split)[:cfg.posts]
@@ -432,7 +436,7 @@ def main(cfg: Config) -> dict:
         del rm
 
     # --- the gold score: its breakdown, the paired differences to SFT, the oracle judge
-    if cfg.gold:
+    if gold:
         parts = {name: gold_parts(tldr.gold_breakdowns(posts, summaries[name])) for name in todo}
         ref_parts = gold_parts(tldr.gold_breakdowns(posts, refs))
         reference.update(_gold_means(ref_parts))
@@ -456,13 +460,13 @@ def main(cfg: Config) -> dict:
     i = cfg.example
     example = {"index": i, "post_id": post_id(posts[i]), "post": posts[i].post, "title": posts[i].title,
                "subreddit": posts[i].subreddit, "reference": refs[i], "summaries": {n: summaries[n][i] for n in todo}}
-    if cfg.gold:
+    if gold:
         example["gold"] = dict(zip(["reference", *todo], tldr.gold_scores([posts[i]] * (1 + len(todo)),
                                                                          [refs[i], *(summaries[n][i] for n in todo)])))
 
     # --- write
     record = {"data": cfg.data, "split": cfg.split, "posts": len(posts), "sft": sft_name,
-              "reward_model": str(rm_path) if rm_path else None, "judge": cfg.judge or None, "gold": cfg.gold,
+              "reward_model": str(rm_path) if rm_path else None, "judge": cfg.judge or None, "gold": gold,
               "interval": "95% Wilson score interval; a tie counts half a win",
               "models": models, "reference": reference, "reward_model_vs_gold": record_rm, "example": example,
               "seconds": time.time() - t0}

@@ -4,7 +4,7 @@
 #   generated data (synthetic.py) or FineWeb-Edu ─ fineweb.py ─> token shards
 #     ─ pretrain.py ─> pretrain.pt ─ hellaswag.py ─> pretrain_hellaswag_val.json
 #     ─ sft.py ─> best_sft.pt [─ sample_comparisons.py: small only] ─ reward_model.py ─> reward_model.pt
-#     ─ ppo.py ─> ppo_latest.pt ─ summarize.py
+#     ─ ppo.py ─> ppo_latest.pt ─ eval_summaries.py ─> runs/<name>/eval/eval.json ─ summarize.py
 #   then report.py (runs/<name>/report.md, report.json) and plot.py (runs/<name>/*.png)
 #
 #   ./run.sh small                 # the CPU demo on the generated world (what `make demo` runs)
@@ -23,7 +23,7 @@
 #
 # Environment: PYTHON (default .venv/bin/python beside this script, else python3), NPROC (gpt2: processes
 # per node, default: the number of visible GPUs), and extra flags per stage appended last, so they win:
-# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, COMPARISONS_ARGS, RM_ARGS, PPO_ARGS.
+# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, COMPARISONS_ARGS, RM_ARGS, PPO_ARGS, EVAL_ARGS.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -207,6 +207,18 @@ if ! finished ppo "$CKPT/ppo_latest.pt"; then
     --ckpt-dir "$CKPT" --run-name "$NAME/ppo" "${RESUME[@]}" "${_extra[@]}"
 fi
 
+# --- evaluation: greedy summaries of the test posts by SFT and PPO (cached), ROUGE, win rates by the reward
+# model (and the gold score on the generated world; a judge LM with EVAL_ARGS="--judge NAME")
+if ! finished eval "$RUN/eval/eval.json"; then
+  args "${EVAL_ARGS:-}"
+  case "$PRESET" in
+    tiny|small) FLAGS=(--data "$SYN/tldr" --posts 400 --comparisons "$SYN/comparisons") ;;
+    gpt2)       FLAGS=(--posts 1000) ;;
+  esac
+  run_stage eval py "$ROOT/eval_summaries.py" "${FLAGS[@]}" --policies best_sft.pt ppo_latest.pt --sft best_sft.pt \
+    --rm reward_model.pt --ckpt-dir "$CKPT" --out-dir "$RUN/eval" "${_extra[@]}"
+fi
+
 # --- serve: summarize.py with the PPO policy (report.py puts the SFT model's summary of a held-out post beside it)
 POST="I (24F) need advice about my roommate (25M), who keeps eating my food. It's been like this for two months now. \
 I've already tried leaving a polite note on the fridge, but nothing changed. Should I confront him about it?"
@@ -214,12 +226,8 @@ echo "== summarize"
 echo "+ $PYTHON $ROOT/summarize.py --ckpt ppo_latest.pt --ckpt-dir $CKPT --subreddit roommates --title \"Need advice about my roommate\" \"$POST\""
 py "$ROOT/summarize.py" --ckpt ppo_latest.pt --ckpt-dir "$CKPT" --subreddit roommates --title "Need advice about my roommate" "$POST"
 
-# --- report and plots
-case "$PRESET" in
-  tiny|small) FLAGS=(--world "$SYN") ;;
-  gpt2)       FLAGS=() ;;
-esac
-py "$ROOT/report.py" --run-dir "$RUN" --ckpt-dir "$CKPT" "${FLAGS[@]}"
+# --- report (from the stages' records only) and plots
+py "$ROOT/report.py" --run-dir "$RUN" --ckpt-dir "$CKPT"
 py "$ROOT/plot.py" --run-dir "$RUN"
 echo "== done in $((SECONDS - T_START)) s: $RUN/report.md, $RUN/*.png, checkpoints in $CKPT/"
 echo "   try it: $PYTHON summarize.py --ckpt-dir $CKPT \"your post\""

@@ -9,14 +9,13 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from common import UserError
 from conftest import ROOT, run_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHECKPOINTS = ("pretrain.pt", "pretrain_hellaswag_val.json", "best_sft.pt", "reward_model.pt", "ppo_latest.pt")
-TRAINED = ("pretrain", "hellaswag", "sft", "reward_model", "ppo")
+TRAINED = ("pretrain", "hellaswag", "sft", "reward_model", "ppo", "eval")
 
 
 def run_sh(args, cwd, timeout=1500, python=sys.executable):  # a generous timeout: the CPU may be shared
@@ -97,6 +96,17 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert figures["test_gold_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(len(diff)), abs=1e-12)
     hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
     assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
+    # the evaluation stage's rows: its record, read independently; the gold win rate recounted from the
+    # summaries recomputed above
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    assert ev["posts"] == len(test_rows) and report["eval"]["ppo"] == "ppo_latest" and report["eval"]["sft"] == "best_sft"
+    for who, name in (("sft", "best_sft"), ("ppo", "ppo_latest")):
+        assert figures[f"eval_rouge1_{who}"] == ev["models"][name]["rouge1"]
+        assert 0 <= figures[f"eval_win_reward_model_reference_{who}"] <= 1
+        assert figures[f"eval_win_gold_reference_{who}_lo"] <= figures[f"eval_win_gold_reference_{who}"] \
+            <= figures[f"eval_win_gold_reference_{who}_hi"]
+    wins = (diff > 0).sum() + 0.5 * (diff == 0).sum()
+    assert figures["eval_win_gold_sft_ppo"] == pytest.approx(wins / len(diff))
 
     # the markdown table: every row's "after" cell holds a number
     text = (run / "report.md").read_text()
@@ -153,7 +163,7 @@ def test_run_sh_continues_an_interrupted_stage_and_force_redoes_all(tmp_path):
     calls = tmp_path / "calls.txt"
     proc = run_sh(["tiny"], tmp_path, python=fake_python(tmp_path, calls))
     assert proc.returncode == 0, proc.stderr
-    assert scripts(calls) == ["sft.py", "reward_model.py", "ppo.py", "summarize.py", "report.py", "plot.py"]
+    assert scripts(calls) == ["sft.py", "reward_model.py", "ppo.py", "eval_summaries.py", "summarize.py", "report.py", "plot.py"]
     lines = calls.read_text().splitlines()
     assert "--resume" in lines[0].split() and "--resume" not in lines[1].split()
     assert (run / "sft" / "log.jsonl").exists()                       # a continued run keeps its log
@@ -162,8 +172,8 @@ def test_run_sh_continues_an_interrupted_stage_and_force_redoes_all(tmp_path):
     calls.unlink()
     proc = run_sh(["tiny", "--force"], tmp_path, python=fake_python(tmp_path, calls))
     assert proc.returncode == 0, proc.stderr
-    assert scripts(calls) == ["pretrain.py", "hellaswag.py", "sft.py", "reward_model.py", "ppo.py", "summarize.py",
-                              "report.py", "plot.py"]
+    assert scripts(calls) == ["pretrain.py", "hellaswag.py", "sft.py", "reward_model.py", "ppo.py", "eval_summaries.py",
+                              "summarize.py", "report.py", "plot.py"]
     assert not any("--resume" in line.split() for line in calls.read_text().splitlines())
     assert not (run / "sft" / "log.jsonl").exists()                   # a fresh run does not append to the old log
 
@@ -255,58 +265,42 @@ def test_read_log_keeps_the_last_record_of_a_step(tmp_path):
     assert read_log(tmp_path / "missing.jsonl") == []
 
 
-def test_correlations_against_references():
+def test_report_reads_the_evaluation_stage_record(tmp_path):
+    """An eval.json as eval_summaries.py writes it (hand-made values): SFT is its --sft model, PPO the
+    checkpoint of stage ppo; their rows and the example come from it, nothing is recomputed."""
     import report
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=50), rng.normal(size=50)
-    y[:10] = x[:10]
-    assert report.pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
-    # Spearman by hand: ranks with ties averaged, then Pearson of the ranks
-    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 3.0, 2.0, 4.0])
-    assert report.spearman(a, b) == pytest.approx(0.8)   # 1 - 6 * 2 / (4 * 15)
-    assert report.average_ranks(torch.tensor([0.5, 0.2, 0.5, 0.9])).tolist() == [2.5, 1.0, 2.5, 4.0]
-    assert report.pearson(torch.ones(3), a[:3]) is None    # a constant has no correlation
-    # order agreement: pair 3 is a gold tie (left out); pairs 1, 2 agree, pair 4 does not
-    rc, rr = torch.tensor([1.0, 0.3, 5.0, 0.0]), torch.tensor([0.0, 0.1, 4.0, 1.0])
-    gc, gr = torch.tensor([0.9, 0.6, 0.5, 0.7]), torch.tensor([0.1, 0.5, 0.5, 0.2])
-    assert report.gold_agreement(rc, rr, gc, gr) == pytest.approx(2 / 3)
-
-
-def test_report_compares_sft_and_ppo_on_the_same_test_posts(tmp_path, monkeypatch):
-    """The wiring of the paired comparison, with stand-in summarizers: the SFT side gets each post's
-    reference summary, the PPO side a summary cut short, so the two sides' gold scores differ."""
-    import report
-    import synthetic
     from common import config_from
-    posts = synthetic.make_world(seed=0, num_posts=50)["test"][:4]
-    (tmp_path / "world" / "tldr").mkdir(parents=True)
-    (tmp_path / "world" / "tldr" / "test.jsonl").write_text(
-        "".join(json.dumps({"prompt": p.prompt, "label": p.summary}) + "\n" for p in posts))
-    (tmp_path / "ckpts").mkdir()
-    for name in ("best_sft.pt", "ppo_latest.pt"):
-        (tmp_path / "ckpts" / name).write_bytes(b"x")
-    made = {"sft": [p.summary for p in posts], "ppo": [" ".join(p.summary.split()[:4]) for p in posts]}
-    monkeypatch.setattr(report, "summarize_with", lambda path, stage, posts_, rt, batch_size: made[stage][:len(posts_)])
-    monkeypatch.setattr(report, "checkpoint_metrics", lambda path, stages: {})  # the files are placeholders
-    (tmp_path / "run").mkdir()
-    cfg = config_from(report.Config, run_dir=str(tmp_path / "run"), ckpt_dir=str(tmp_path / "ckpts"),
-                      world=str(tmp_path / "world"), gold_posts=3, example_split="test")
-    f = report.collect(cfg)["figures"]
-    gold = {k: np.array([synthetic.gold_score(p.prompt, s) for p, s in zip(posts[:3], v)]) for k, v in made.items()}
-    assert f["test_gold_posts"] == 3
-    assert f["test_gold_sft"] == pytest.approx(gold["sft"].mean()) and f["test_gold_ppo"] == pytest.approx(gold["ppo"].mean())
-    assert f["test_gold_diff"] == pytest.approx((gold["ppo"] - gold["sft"]).mean()) and f["test_gold_diff"] < 0
-    assert f["test_words_sft"] > f["test_words_ppo"] == 4
-
-
-def test_paired_difference_against_hand_values():
-    import report
-    # differences 0.2, 0.0, -0.3: mean -1/30; deviations 7/30, 1/30, -8/30 give a sample variance of
-    # (49 + 1 + 64) / 900 / 2, so a standard error of sqrt(114 / 1800 / 3)
-    diff, se = report.paired_difference([0.5, 0.2, 0.9], [0.7, 0.2, 0.6])
-    assert diff == pytest.approx(-1 / 30) and se == pytest.approx(math.sqrt(114 / 1800 / 3))
-    assert report.paired_difference([0.4], [0.5]) == (pytest.approx(0.1), None)
-    assert report.paired_difference([], []) == (None, None)
+    win = lambda rate, lo, hi, n=400: {"wins": 0, "ties": 0, "losses": 0, "n": n, "win_rate": rate, "ci95": [lo, hi]}
+    common = {"words": 20.0, "eos_rate": 0.9, "copied_trigrams": 0.25, "gold_words": 20.0, "gold_missing": 1.0,
+              "gold_wrong": 0.5}
+    record = {"data": "data/synthetic/tldr", "split": "test", "posts": 400, "sft": "best_sft", "judge": None,
+              "gold": True, "reward_model_vs_gold": {"rm_gold_pearson": 0.5},
+              "models": {
+                  "best_sft": {**common, "stage": "sft", "rouge1": 0.31, "rouge2": 0.11, "rougeL": 0.25, "gold": 0.40,
+                               "win_rates": {"reward_model": {"reference": win(0.3, 0.26, 0.35)}}},
+                  "ppo_latest": {**common, "stage": "ppo", "rouge1": 0.29, "rouge2": 0.10, "rougeL": 0.24, "gold": 0.46,
+                                 "eos_rate": 0.5, "vs_sft": {"score": {"diff": 0.06, "se": 0.02}},
+                                 "win_rates": {"reward_model": {"reference": win(0.45, 0.40, 0.50), "sft": win(0.8, 0.76, 0.84)},
+                                               "gold": {"reference": win(0.2, 0.16, 0.24), "sft": win(0.6, 0.55, 0.65)}}}},
+              "example": {"post": "p", "title": "t", "subreddit": "s", "reference": "r",
+                          "summaries": {"best_sft": "a", "ppo_latest": "b"},
+                          "gold": {"reference": 0.9, "best_sft": 0.4, "ppo_latest": 0.5}}}
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "eval.json").write_text(json.dumps(record))
+    out = report.collect(config_from(report.Config, run_dir=str(tmp_path / "run"), ckpt_dir=str(tmp_path / "none")))
+    f = out["figures"]
+    assert (f["eval_rouge1_sft"], f["eval_rouge1_ppo"], f["test_gold_sft"], f["test_gold_ppo"]) == (0.31, 0.29, 0.40, 0.46)
+    assert (f["test_gold_diff"], f["test_gold_se"], f["test_gold_posts"], f["rm_gold_pearson"]) == (0.06, 0.02, 400, 0.5)
+    assert out["example"] == {"post": "p", "title": "t", "subreddit": "s", "reference": "r", "sft": "a", "ppo": "b",
+                              "gold": {"reference": 0.9, "sft": 0.4, "ppo": 0.5}}
+    text = report.format_report(out)
+    assert "| summaries: ROUGE-1 / 2 / L against the references | 0.310 / 0.110 / 0.250 | 0.290 / 0.100 / 0.240 |" in text
+    assert "| win rate against the references, by the reward model | 30.0% (26.0-35.0) | 45.0% (40.0-50.0) |" in text
+    assert "| PPO: win rate over SFT, by the gold score (oracle) |  | 60.0% (55.0-65.0) |" in text
+    assert "| win rate against the references, by the gold score (oracle) | n/a | 20.0% (16.0-24.0) |" in text
+    assert "| summaries: ended with EOS / trigrams copied from the post | 90.0% / 25.0% | 50.0% / 25.0% |" in text
+    assert "judge" not in text                                          # no judge ran: no judge rows
+    assert "PPO - SFT +0.0600 (standard error 0.0200)" in text
 
 
 def test_report_cli_errors(tmp_path):

@@ -292,15 +292,11 @@ def test_divergence_stops_with_the_step_and_what_was_large():
 # -----------------------------------------------------------------------------
 # learning: the small models of the generated world
 
-def test_small_ppo_raises_the_reward_model_score_within_a_kl_bound(small_sft_ckpt, small_rm_ckpt, synthetic_dir,
-                                                                    tmp_path):
-    # 2 PPO epochs instead of the preset's 4 and 8 steps instead of 12, to fit the suite's time: measured
-    # RM score 0.008 -> 0.195, win rate 0.70, KL 0.9 (12 steps: 0.361, 0.83, 1.5)
-    cfg = config_from(ppo.Config, ppo.PRESETS, "small", sft=str(small_sft_ckpt), rm=str(small_rm_ckpt),
-                      data=str(synthetic_dir / "tldr"), ppo_epochs=2, max_steps=8, eval_every=0, sample_every=0, save_every=0,
-                      ckpt_dir=str(tmp_path), run_name=str(tmp_path / "run"))
-    metrics = ppo.main(cfg)
-    evals = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+def test_small_ppo_raises_the_reward_model_score_within_a_kl_bound(small_ppo_run):
+    # 2 PPO epochs instead of the preset's 4 and 8 steps instead of 12, to fit the suite's time (the
+    # small_ppo_run fixture): measured RM score 0.008 -> 0.195, win rate 0.70, KL 0.9 (12 steps: 0.361, 0.83, 1.5)
+    out, metrics, cfg = small_ppo_run
+    evals = [json.loads(line) for line in (out / "run" / "log.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
     first, last = evals[0], evals[-1]
     print(f"small PPO, {cfg.max_steps} steps x {cfg.rollout_batch} rollouts, {cfg.eval_prompts} held-out posts, greedy: "
@@ -322,7 +318,7 @@ def test_ppo_on_comparisons_of_its_own_samples_raises_the_gold_score(small_pretr
     # rater (10% of labels flipped), a reward model on them, then PPO (2 epochs per batch, as the test above)
     import time
 
-    import report
+    import eval_summaries
     import reward_model
     import sample_comparisons
     import sft
@@ -347,9 +343,9 @@ def test_ppo_on_comparisons_of_its_own_samples_raises_the_gold_score(small_pretr
     # the gold score of greedy summaries of all 400 test posts (no stage selects on them), paired by post
     rt = compute_init(0, "cpu", "float32")
     posts = [e.post for e in tldr.load_sft(tldr_dir, "test")]
-    gold = {name: tldr.gold_scores(posts, report.summarize_with(tmp_path / ckpt, ("sft", "ppo"), posts, rt, 64))
+    gold = {name: tldr.gold_scores(posts, eval_summaries.summarize_with(tmp_path / ckpt, ("sft", "ppo"), posts, rt, 64)[0])
             for name, ckpt in (("sft", "best_sft.pt"), ("ppo", "ppo_latest.pt"))}
-    diff, se = report.paired_difference(gold["sft"], gold["ppo"])
+    diff, se = eval_summaries.paired_difference(gold["sft"], gold["ppo"])
     mean = {name: sum(g) / len(g) for name, g in gold.items()}
     print(f"SFT 250 steps -> comparisons of its samples -> RM 300 steps -> PPO {cfg.max_steps} steps, "
           f"{time.time() - start:.0f} s in all: RM score {first['eval_rm_score']:.3f} -> {last['eval_rm_score']:.3f}, "
