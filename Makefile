@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup test test-slow demo clean
+.PHONY: setup test test-slow demo serve clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test-slow: $(STAMP)
 # the whole pipeline on the generated world at the small size, offline: runs/small/report.md and plots
 demo: $(STAMP)
 	PYTHON=$(PY) bash run.sh small
+
+# the web page and API on http://127.0.0.1:8000/ with the demo's PPO and SFT models (after `make demo`)
+serve: $(STAMP)
+	$(PY) serve.py --ckpt-dir checkpoints/small
 
 clean:
 	rm -rf $(VENV) .pytest_cache

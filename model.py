@@ -332,20 +332,14 @@ class GPT(nn.Module):
         next_pos = positions_from_mask(attention_mask)[:, -1:] + 1                # (B, 1)
         x = self.hidden_states(idx, mask[:, :T0], cache)[:, -1]                   # (B, C)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        greedy = _greedy_rows(temperature, B, idx.device)                        # a bool or (B,)
+        greedy = greedy_rows(temperature, B, idx.device)                         # a bool or (B,)
         for t in range(max_new_tokens):
             if stop is not None:
                 done = done | stop.to(done.device)
             logits = self.logits(x).float()                                       # (B, V)
             if eos_id is not None and t < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
-            logp = sampling_logprobs(logits, temperature, top_k, top_p)           # (B, V)
-            if greedy is True:
-                tok = logits.argmax(-1)
-            elif greedy is False:
-                tok = sample_tokens(logp.exp(), generator)
-            else:  # a mixed batch: greedy rows take the argmax, the others sample
-                tok = torch.where(greedy, logits.argmax(-1), sample_tokens(logp.exp(), generator))
+            tok, logp = choose_tokens(logits, temperature, top_k, top_p, generator, greedy)
             tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             yield DecodeStep(tok, torch.where(done, torch.zeros_like(tok_logp), tok_logp), ~done, logp)
@@ -441,7 +435,23 @@ def to_hf_state_dict(model: GPT) -> dict:
     return out
 
 
-def _greedy_rows(temperature, rows: int, device):
+def choose_tokens(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=None, generator=None,
+                  greedy=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row (B,) and the sampling distribution's log-probs (B, V): the argmax for
+    greedy rows (temperature 0), a draw from the filtered distribution for the others. Settings as in
+    sampling_logprobs; `greedy` is greedy_rows(temperature, ...) when the caller already has it."""
+    if greedy is None:
+        greedy = greedy_rows(temperature, logits.size(0), logits.device)
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)                       # (B, V)
+    if greedy is True:
+        return logits.argmax(-1), logp
+    if greedy is False:
+        return sample_tokens(logp.exp(), generator), logp
+    # a mixed batch: greedy rows take the argmax, the others sample
+    return torch.where(greedy, logits.argmax(-1), sample_tokens(logp.exp(), generator)), logp
+
+
+def greedy_rows(temperature, rows: int, device):
     """Which rows decode greedily (temperature 0): a bool when every row agrees, so that a uniform batch
     takes the single-path code, else a (B,) bool mask."""
     if not torch.is_tensor(temperature):
@@ -516,6 +526,122 @@ def sample_tokens(probs: torch.Tensor, generator=None) -> torch.Tensor:
     # the cumulative mass reaches the total instead (it has mass: the cumulative sum rises there)
     last_with_mass = torch.searchsorted(cdf, total)                                    # (B, 1)
     return torch.minimum(tok, last_with_mass).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# continuous batching: rows join and leave a running decode between steps
+
+class BatchDecoder:
+    """A running batch for a server (iteration-level scheduling, as in Orca, Yu et al. 2022): new prompts
+    are prefilled and join between two decoding steps, and finished rows leave, instead of every request
+    waiting for the batch in flight to end.
+
+    Rows stay right-aligned in one KV cache: slot t of every row is the same number of steps back, a row
+    shorter than the longest is left-padded (masked out), and positions come from each row's own mask, so
+    a row computes what it would alone. Padding that no row needs any more is dropped when rows leave, so
+    the cache never holds more slots than its longest row: every row that fits the context alone fits.
+
+        decoder.add(prompts, budgets)   # prefill; the rows are appended
+        logits = decoder.logits()       # (B, V) next-token logits of every row
+        decoder.keep(rows)              # drop the others (finished, cancelled)
+        decoder.advance(tokens)         # feed one token per row
+    """
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self.device = model.transformer.wte.weight.device
+        self.cache: KVCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)      # (B, L) real slots
+        self.next_pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) next token's position
+        self.remaining = torch.zeros(0, dtype=torch.long, device=self.device)    # (B,) tokens each row may still take
+        self.x = torch.zeros(0, model.config.n_embd, device=self.device)         # (B, C) last hidden state per row
+
+    @property
+    def rows(self) -> int:
+        return self.mask.size(0)
+
+    def _cache_dtype(self) -> torch.dtype:
+        param = next(self.model.parameters())
+        return torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+
+    def _new_cache(self, rows: int, filled: int, dtype) -> KVCache:
+        """A zeroed cache (masked slots must hold finite numbers: softmax weight 0 times NaN is NaN) with room
+        for `filled` slots plus the most tokens any row may still take."""
+        room = filled + (int(self.remaining.max()) if self.remaining.numel() else 0)
+        cache = KVCache(self.model.config, rows, min(room, self.model.config.block_size), self.device, dtype)
+        cache.k.zero_()
+        cache.v.zero_()
+        cache.len = filled
+        return cache
+
+    @torch.no_grad()
+    def add(self, prompts: list[list[int]], budgets: list[int]):
+        """Prefill the prompts (left-padded among themselves) and append them as rows; budgets[i] is how
+        many tokens row i may be fed."""
+        block = self.model.config.block_size
+        for p, n in zip(prompts, budgets):
+            if not p or len(p) + n > block:
+                raise ValueError(f"a prompt of {len(p)} tokens and {n} new ones do not fit block_size {block}")
+        P, b, dtype = max(map(len, prompts)), len(prompts), self._cache_dtype()
+        idx = torch.full((b, P), PAD_ID, dtype=torch.long)
+        mask = torch.zeros((b, P), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, P - len(p):] = torch.tensor(p)
+            mask[i, P - len(p):] = 1
+        idx, mask = idx.to(self.device), mask.to(self.device)
+        fresh = KVCache(self.model.config, b, P, self.device, dtype)
+        x = self.model.hidden_states(idx, mask, fresh)[:, -1]                     # (b, C)
+        old, B = self.cache, self.rows
+        L_old = old.len if old is not None else 0
+        L = max(L_old, P)
+        self.remaining = torch.cat([self.remaining, torch.tensor(budgets, dtype=torch.long, device=self.device)])
+        cache = self._new_cache(B + b, L, dtype)
+        if old is not None:
+            cache.k[:, :B, :, L - L_old:L] = old.k[:, :, :, :L_old]
+            cache.v[:, :B, :, L - L_old:L] = old.v[:, :, :, :L_old]
+        cache.k[:, B:, :, L - P:L] = fresh.k
+        cache.v[:, B:, :, L - P:L] = fresh.v
+        full = torch.zeros((B + b, L), dtype=torch.long, device=self.device)
+        full[:B, L - L_old:] = self.mask
+        full[B:, L - P:] = mask
+        self.cache, self.mask = cache, full
+        self.next_pos = torch.cat([self.next_pos, positions_from_mask(mask)[:, -1:] + 1])
+        self.x = torch.cat([self.x.to(x.dtype), x])
+
+    def logits(self) -> torch.Tensor:
+        return self.model.logits(self.x).float()                                  # (B, V)
+
+    @torch.no_grad()
+    def keep(self, rows: list[int]):
+        """Keep only these rows, in this order, and drop the left columns that are padding in all of them."""
+        if rows == list(range(self.rows)):
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.mask, self.next_pos = self.mask[index], self.next_pos[index]
+        self.remaining, self.x = self.remaining[index], self.x[index]
+        if not rows:
+            self.cache, self.mask = None, self.mask[:, :0]
+            return
+        first = int((self.mask.cumsum(1) == 0).sum(1).min())                     # all-padding left columns
+        L = self.cache.len
+        cache = self._new_cache(len(rows), L - first, self.cache.k.dtype)
+        cache.k[:, :, :, :L - first] = self.cache.k[:, index, :, first:L]
+        cache.v[:, :, :, :L - first] = self.cache.v[:, index, :, first:L]
+        self.cache, self.mask = cache, self.mask[:, first:]
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor):
+        """Feed one token per row (B,): every row's cache grows by one slot."""
+        if self.rows == 0:
+            return
+        if bool((self.remaining <= 0).any()):
+            raise ValueError("a row was fed past its budget")
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.x = self.model.hidden_states(tokens.to(self.device)[:, None], self.mask, self.cache,
+                                          positions=self.next_pos)[:, -1]
+        self.next_pos = self.next_pos + 1
+        self.remaining = self.remaining - 1
 
 
 # -----------------------------------------------------------------------------

@@ -13,9 +13,10 @@ then open http://127.0.0.1:8000/ or call the API:
 
 Every checkpoint is loaded once, at start-up. A post becomes the prompt exactly as in summarize.py
 (`summarize.Summarizer`: the checkpoint's own template and budgets). Generation runs in one worker thread per
-model, off the event loop; requests for the same model that arrive together are decoded as one left-padded
-batch (`GPT.decode_steps`, each row with its own temperature, top-k, top-p and seed, so a row gives what it
-would alone), and a client that goes away mid-stream has its row stopped.
+model, off the event loop, with continuous batching (`model.BatchDecoder`): a request for a model that is busy
+joins the rows being decoded at the next step instead of waiting for them to end, each row with its own
+temperature, top-k, top-p and seed, so that a row gives what it would alone; a client that goes away
+mid-stream has its row stopped.
 
 Endpoints: `GET /` (the page), `POST /api/summarize`, `GET /api/models`, `GET /health`, `GET /api/report`
 (the run's report.md and plots), `POST /v1/completions` and `GET /v1/models` (OpenAI's schema).
@@ -47,7 +48,7 @@ from fastapi.staticfiles import StaticFiles
 
 import tldr
 from common import ROOT, UserError, cli_main, compute_init, get_tokenizer, load_checkpoint, resolve_ckpt
-from model import EOS_ID, GPT
+from model import EOS_ID, BatchDecoder, choose_tokens
 from summarize import DEFAULT_CKPT, FALLBACK_CKPT, STAGES, Summarizer
 
 STATIC_DIR = ROOT / "static"
@@ -117,18 +118,27 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class Row:
+    """A job being decoded: its text so far and its tokens."""
+    job: Job
+    stream: TextStream
+    tokens: list[int] = field(default_factory=list)
+
+
 class Engine:
-    """A loaded summarizer and the thread that decodes its requests: it takes the first waiting request,
-    gathers the others that arrive within `batch_wait_s` (up to `max_batch`, as long as the longest prompt
-    plus the longest summary fit the context), and decodes them as one batch."""
+    """A loaded summarizer and the thread that decodes its requests with continuous batching
+    (model.BatchDecoder): a request that arrives while others are being decoded is prefilled and joins
+    them at the next step, up to `max_batch` rows, and a row leaves as soon as it ends. When the engine is
+    idle, the first request waits up to `batch_wait_s` for others that arrive with it."""
 
     def __init__(self, name: str, summarizer: Summarizer, path: Path, rt, max_batch: int, batch_wait_s: float):
         self.name, self.summarizer, self.path, self.rt = name, summarizer, path, rt
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.tokenizer = get_tokenizer()
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.held: list[Job] = []  # jobs that did not fit the last batch: first in the next
-        self.stats = {"batches": 0, "requests": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
+        self.stats = {"requests": 0, "prefills": 0, "steps": 0, "largest_batch": 0, "cancelled": 0, "tokens": 0}
+        self.closing = False
         self.thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
         self.thread.start()
 
@@ -143,93 +153,89 @@ class Engine:
         self.jobs.put(None)
         self.thread.join(timeout=10)
 
-    def _next_batch(self) -> list[Job] | None:
-        first = self.held.pop(0) if self.held else self.jobs.get()
-        if first is None:
-            return None
-        batch, deadline = [first], time.perf_counter() + self.batch_wait_s
-        block = self.summarizer.model.config.block_size
-        while len(batch) < self.max_batch:
-            if self.held:
-                job = self.held.pop(0)
-            else:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
-                except queue.Empty:
-                    break
-            if job is None:  # closing: finish this batch first
-                self.jobs.put(None)
+    def _admit(self, active: int) -> list[Job]:
+        """Jobs to start now: when idle, block for the first and gather those arriving within batch_wait_s;
+        when decoding, whatever is waiting (without waiting)."""
+        room = self.max_batch - active
+        if room <= 0:
+            return []
+        if active == 0:
+            first = self.jobs.get()
+            if first is None:
+                self.closing = True
+                return []
+            jobs, deadline = [first], time.perf_counter() + self.batch_wait_s
+        else:
+            jobs, deadline = [], 0.0
+        while len(jobs) < room:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter())) if deadline \
+                    else self.jobs.get_nowait()
+            except queue.Empty:
                 break
-            longest = max(len(j.prompt) for j in batch + [job]) + max(j.max_new_tokens for j in batch + [job])
-            if longest > block:
-                self.held.append(job)
+            if job is None:
+                self.closing = True
                 break
-            batch.append(job)
-        return batch
+            jobs.append(job)
+        return [j for j in jobs if not j.cancelled.is_set()]
 
     def _loop(self):
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            batch = [j for j in batch if not j.cancelled.is_set()]
-            if not batch:
+        decoder, rows = BatchDecoder(self.summarizer.model), []
+        while not (self.closing and not rows):
+            new = self._admit(len(rows))
+            if not rows and not new:
                 continue
             try:
-                self._decode(batch)
-            except Exception as e:  # a failed batch fails its requests, never the server
-                for job in batch:
-                    job.emit({"kind": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+                with self.rt.autocast():
+                    if new:
+                        decoder.add([j.prompt for j in new], [j.max_new_tokens for j in new])
+                        rows += [Row(j, TextStream(self.tokenizer)) for j in new]
+                        self.stats["requests"] += len(new)
+                        self.stats["prefills"] += 1
+                    rows = self._step(decoder, rows)
+            except Exception as e:  # a failed step fails the requests in it, never the server
+                for row in rows:
+                    row.job.emit({"kind": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
+                decoder, rows = BatchDecoder(self.summarizer.model), []
 
-    def _decode(self, batch: list[Job]):
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(batch)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
-        device, model = self.rt.device, self.summarizer.model
-        idx, mask = tldr.left_pad([j.prompt for j in batch])
-        stop = torch.zeros(len(batch), dtype=torch.bool)
-        streams = [TextStream(self.tokenizer) for _ in batch]
-        tokens: list[list[int]] = [[] for _ in batch]
-        finished = [False] * len(batch)
-        top_n = max(j.top_probs for j in batch)
+    def _step(self, decoder: BatchDecoder, rows: list[Row]) -> list[Row]:
+        """One token for every row; returns the rows that go on (the decoder keeps exactly those)."""
+        self.stats["steps"] += 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
+        jobs = [r.job for r in rows]
+        tokens, logp = choose_tokens(decoder.logits(), torch.tensor([j.temperature for j in jobs]),
+                                     torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
+                                     [j.generator for j in jobs])
+        top_n = max(j.top_probs for j in jobs)
+        if top_n:
+            top = torch.topk(logp, top_n, dim=-1)
+            top_ids, top_probs = top.indices.tolist(), top.values.exp().tolist()
+        going_on = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            job = row.job
+            if job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                continue
+            if token == EOS_ID:
+                self._finish(row, ended=True)
+                continue
+            row.tokens.append(token)
+            self.stats["tokens"] += 1
+            job.emit({"kind": "token", "id": token, "text": row.stream.feed(token), "n": len(row.tokens),
+                      "top": list(zip(top_ids[i][:job.top_probs], top_probs[i][:job.top_probs])) if top_n else []})
+            if len(row.tokens) >= job.max_new_tokens:
+                self._finish(row, ended=False)
+            else:
+                going_on.append(i)
+        decoder.keep(going_on)
+        decoder.advance(tokens[going_on])
+        return [rows[i] for i in going_on]
 
-        def finish(i: int, ended: bool):
-            finished[i] = True
-            stop[i] = True
-            tail = streams[i].finish()
-            if tail:
-                batch[i].emit({"kind": "token", "id": None, "text": tail, "top": [], "n": len(tokens[i])})
-            batch[i].emit({"kind": "done", "tokens": tokens[i], "ended": ended})
-
-        with self.rt.autocast():
-            steps = model.decode_steps(
-                idx.to(device), mask.to(device), max_new_tokens=max(j.max_new_tokens for j in batch),
-                temperature=torch.tensor([j.temperature for j in batch]), top_k=torch.tensor([j.top_k for j in batch]),
-                top_p=torch.tensor([j.top_p for j in batch]), generator=[j.generator for j in batch], stop=stop)
-            for step in steps:
-                ids = step.tokens.tolist()
-                if top_n:
-                    top = torch.topk(step.logp, top_n, dim=-1)
-                    top_ids, top_p = top.indices.tolist(), top.values.exp().tolist()
-                for i, job in enumerate(batch):
-                    if finished[i]:
-                        continue
-                    if job.cancelled.is_set():
-                        finished[i] = stop[i] = True
-                        self.stats["cancelled"] += 1
-                        continue
-                    if ids[i] == EOS_ID:
-                        finish(i, ended=True)
-                        continue
-                    tokens[i].append(ids[i])
-                    self.stats["tokens"] += 1
-                    job.emit({"kind": "token", "id": ids[i], "text": streams[i].feed(ids[i]), "n": len(tokens[i]),
-                              "top": list(zip(top_ids[i][:job.top_probs], top_p[i][:job.top_probs])) if top_n else []})
-                    if len(tokens[i]) >= job.max_new_tokens:
-                        finish(i, ended=False)
-        for i in range(len(batch)):  # rows the context ran out on
-            if not finished[i]:
-                finish(i, ended=False)
+    def _finish(self, row: Row, ended: bool):
+        tail = row.stream.finish()
+        if tail:
+            row.job.emit({"kind": "token", "id": None, "text": tail, "top": [], "n": len(row.tokens)})
+        row.job.emit({"kind": "done", "tokens": row.tokens, "ended": ended})
 
 
 # -----------------------------------------------------------------------------

@@ -251,6 +251,41 @@ def test_decode_steps_stop_ends_a_row(tiny_config):
     assert list(steps) == []
 
 
+def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config):
+    """Continuous batching: rows of different lengths join a running decode at different steps and leave
+    when their budget is spent; every row makes the tokens generate makes for it alone, greedy or sampled
+    with its own generator, and the cache never holds more slots than the longest row."""
+    from model import BatchDecoder, choose_tokens
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40)]
+    budgets, temps, joins = [6, 12, 4, 7, 3], [0.0, 0.8, 0.0, 1.1, 0.0], {0: [0, 1], 3: [2], 5: [3, 4]}
+    alone = [model.generate(torch.tensor([p]), None, n, t, eos_id=None,
+                            generator=torch.Generator().manual_seed(i) if t else None)[0][0].tolist()
+             for i, (p, n, t) in enumerate(zip(prompts, budgets, temps))]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    decoder, active, out, slots = BatchDecoder(model), [], [[] for _ in prompts], []
+    for step in range(40):
+        if step in joins:
+            decoder.add([prompts[k] for k in joins[step]], [budgets[k] for k in joins[step]])
+            active += joins[step]
+        if not active:
+            break
+        tokens, _ = choose_tokens(decoder.logits(), torch.tensor([temps[k] for k in active]),
+                                  generator=[generators[k] for k in active])
+        for row, k in enumerate(active):
+            out[k].append(int(tokens[row]))
+        keep = [row for row, k in enumerate(active) if len(out[k]) < budgets[k]]
+        decoder.keep(keep)
+        decoder.advance(tokens[keep])
+        active = [active[row] for row in keep]
+        if active:
+            slots.append((decoder.cache.len, max(len(prompts[k]) + len(out[k]) for k in active)))
+    assert out == alone
+    assert all(used == longest for used, longest in slots)  # padding no row needs is dropped
+    assert decoder.rows == 0
+
+
 def test_score_model_reward_at_last_real_token(tiny_config):
     torch.manual_seed(0)
     lm = GPT(tiny_config)

@@ -269,7 +269,7 @@ def test_concurrent_streams_each_get_their_own_summary(server, small_sft_ckpt, s
     assert [r[0] for r in results] == expected and [r[1] for r in results] == expected
     after = httpx.get(server + "/health").json()["models"]["demo_sft"]
     assert after["requests"] - before["requests"] == 16 and after["largest_batch"] > 1
-    assert after["batches"] - before["batches"] < 16
+    assert after["prefills"] - before["prefills"] < 16
 
 
 def test_client_that_goes_away_stops_its_generation(server):
