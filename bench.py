@@ -10,6 +10,9 @@ writes everything to JSON):
   hellaswag  HellaSwag examples/s: hellaswag.evaluate batched vs one example at a time
   ppo        seconds of one step of ppo.py's own loop: rollout (generation), scoring, update, and the
              rollout's share
+  serve      serve.py under N concurrent streaming clients on loopback (--serve-clients, e.g. 1 8 32):
+             requests/s, p50/p95 time to first token and latency, errors; the batching server against the
+             same server taking one request at a time (--max-batch 1). Not in the default sections.
 
 Every comparison excludes warm-up runs, repeats, reports the median and the range, and alternates the
 order of the sides from one round to the next, so that a machine that speeds up or slows down (other
@@ -21,12 +24,14 @@ where absolute times do not.
     python bench.py --preset gpt2                      # 124M on CPU at batch 4 x 128 tokens
     python bench.py --preset gpt2 --device cuda --batch-size 16 --seq-len 1024   # one GPU: fp32/bf16/fp16, compile
     python bench.py --preset gpt2 --device cuda --variants fp16 fp16+compile     # a T4
+    python bench.py --preset small --sections serve                              # the serving table (about 3 minutes)
 
 One process on one device by design: there is no torchrun command, because a benchmark of a multi-GPU
 run measures the interconnect; run it on each kind of GPU instead.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -64,7 +69,14 @@ class Config:
     ppo_rollouts: int = 16          # PPO section: prompts per step
     ppo_prompt_tokens: int = 200    # PPO section: prompt budget (the small TL;DR preset's)
     ppo_response_tokens: int = 53   # PPO section: response tokens at most (TL;DR's 53)
-    sections: list[str] = field(default_factory=lambda: ["train", "generate", "hellaswag", "ppo"])  # what to run: train generate hellaswag ppo
+    serve_clients: list[int] = field(default_factory=lambda: [1, 8, 32])  # serve section: concurrent streaming clients, one level each
+    serve_requests: int = 64        # serve section: requests per level, side and round (at least 2 per client)
+    serve_seconds: float = 60.0     # serve section: a level's round stops after this long even if requests remain
+    serve_rounds: int = 2           # serve section: rounds per level; sides alternate order from round to round
+    serve_tokens: int = 53          # serve section: summary tokens per request (TL;DR's budget; random weights rarely stop early)
+    serve_max_batch: int = 32       # serve section: the batching side's --max-batch
+    serve_ckpt: str = ""            # serve section: serve this summarizer checkpoint instead of random `--model` weights
+    sections: list[str] = field(default_factory=lambda: ["train", "generate", "hellaswag", "ppo"])  # what to run: train generate hellaswag ppo serve
     repeats: int = 5                # timed runs per side (median and range over these)
     warmup: int = 1                 # untimed runs per side first (allocator, caches, torch.compile)
     device: str = "auto"            # auto | cpu | cuda | mps
@@ -75,7 +87,8 @@ class Config:
 
 PRESETS = {
     "tiny": dict(model="tiny", batch_size=2, seq_len=32, gen_tokens=16, prompt_len=8, hellaswag_rows=8,
-                 hellaswag_batch=4, repeats=1, warmup=1, ppo_rollouts=4, ppo_prompt_tokens=40, ppo_response_tokens=8),
+                 hellaswag_batch=4, repeats=1, warmup=1, ppo_rollouts=4, ppo_prompt_tokens=40, ppo_response_tokens=8,
+                 serve_clients=[1, 4], serve_requests=8, serve_seconds=20.0, serve_rounds=1, serve_tokens=8),
     "small": dict(model="small", batch_size=8, seq_len=256, gen_tokens=128, prompt_len=32, hellaswag_rows=64,
                   repeats=7, warmup=1),
     "gpt2": dict(model="gpt2", batch_size=4, seq_len=128, gen_tokens=128, prompt_len=32, no_cache_max_batch=1,
@@ -89,6 +102,7 @@ TARGETS = [
     (("generate", "batches", "8", "ratio_vs_no_cache"), 5.0, "generation at batch 8: ours / no-cache loop"),
     (("generate", "batches", "1", "ratio_vs_no_cache"), 5.0, "generation at batch 1: ours / no-cache loop"),
     (("hellaswag", "ratio"), 3.0, "HellaSwag: batched / one-by-one examples/s"),
+    (("serve", "levels", "8", "ratio"), 3.0, "serving 8 streaming clients: batched / one-at-a-time requests/s"),
 ]
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -367,12 +381,154 @@ def bench_ppo(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     return res
 
 
+# -----------------------------------------------------------------------------
+# serving: serve.py under concurrent streaming clients
+
+def _percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) by linear interpolation between order statistics; None for no values."""
+    if not values:
+        return None
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
+
+
+def start_servers(ckpt: Path, max_batches: dict[str, int], device: str) -> dict:
+    """serve.py in its own process per side, on free loopback ports, all starting at once:
+    {side: (process, base URL)} once every /health answers."""
+    import socket
+    import subprocess
+    import sys
+    import httpx
+    servers = {}
+    for name, max_batch in max_batches.items():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt),
+                                 "--port", str(port), "--max-batch", str(max_batch), "--device", device],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        servers[name] = (proc, f"http://127.0.0.1:{port}")
+    deadline = time.time() + 120
+    for proc, url in servers.values():
+        while True:
+            if proc.poll() is not None:
+                raise UserError(f"serve.py did not start: {proc.stderr.read().strip()[-300:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                for p, _ in servers.values():
+                    p.kill()
+                raise UserError("serve.py did not answer /health within 120 s")
+            time.sleep(0.2)
+    return servers
+
+
+async def _load(url: str, posts: list[dict], clients: int, requests: int, seconds: float, tokens: int) -> dict:
+    """`clients` closed-loop clients, each streaming one summary after another, until `requests` have
+    been sent or `seconds` have passed: per request the time to its first token and to its end."""
+    import httpx
+    sent, ttft, latency, errors, made = 0, [], [], 0, 0
+    start = time.perf_counter()
+
+    async def client(http):
+        nonlocal sent, errors, made
+        while sent < requests and time.perf_counter() - start < seconds:
+            body = {**posts[sent % len(posts)], "stream": True, "max_new_tokens": tokens}
+            sent += 1
+            t0, first = time.perf_counter(), None
+            try:
+                async with http.stream("POST", url + "/api/summarize", json=body) as r:
+                    if r.status_code != 200:
+                        errors += 1
+                        continue
+                    async for line in r.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        event = json.loads(line[6:])
+                        if event["type"] == "token" and first is None:
+                            first = time.perf_counter() - t0
+                        elif event["type"] == "done":
+                            made += event["tokens"]
+                            break
+                        elif event["type"] == "error":
+                            raise RuntimeError(event["error"]["message"])
+                ttft.append(first if first is not None else time.perf_counter() - t0)
+                latency.append(time.perf_counter() - t0)
+            except (httpx.HTTPError, RuntimeError, KeyError, ValueError):
+                errors += 1
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=max(60.0, seconds), limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return {"requests": len(latency), "errors": errors, "seconds": time.perf_counter() - start,
+            "tokens": made, "ttft": ttft, "latency": latency}
+
+
+def _merge_rounds(rounds: list[dict]) -> dict:
+    total_s = sum(r["seconds"] for r in rounds)
+    ttft = [t for r in rounds for t in r["ttft"]]
+    latency = [t for r in rounds for t in r["latency"]]
+    done = sum(r["requests"] for r in rounds)
+    return {"requests": done, "errors": sum(r["errors"] for r in rounds), "seconds": total_s,
+            "requests_per_s": done / total_s, "tokens_per_s": sum(r["tokens"] for r in rounds) / total_s,
+            "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
+            "latency_p50_s": _percentile(latency, 0.5), "latency_p95_s": _percentile(latency, 0.95),
+            "rounds_requests_per_s": [r["requests"] / r["seconds"] for r in rounds]}
+
+
+def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
+    """serve.py serving `ours` (or --serve-ckpt) in two processes, one batching (--max-batch
+    serve_max_batch) and one taking a request at a time; for each client count, rounds that alternate
+    which server goes first, each a closed loop of streaming requests for generated TL;DR posts."""
+    import synthetic
+    import tldr
+    posts = [{"post": p.post, "title": p.title, "subreddit": p.subreddit}
+             for p in synthetic.make_world(seed=cfg.seed, num_posts=400)["train"]]
+    sides = {"batched": cfg.serve_max_batch, "one_at_a_time": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(cfg.serve_ckpt) if cfg.serve_ckpt else Path(tmp) / "bench_summarizer.pt"
+        if not cfg.serve_ckpt:
+            save_checkpoint(ckpt, stage="sft", model=ours, tldr=tldr.template_info(
+                max_prompt_tokens=cfg.ppo_prompt_tokens, max_summary_tokens=cfg.serve_tokens))
+        servers = start_servers(ckpt, sides, str(rt.device))
+        try:
+            for name, (_, url) in servers.items():  # warm-up: first-call allocations and thread start
+                asyncio.run(_load(url, posts, 2, 2, 60.0, cfg.serve_tokens))
+            levels = {}
+            for clients in cfg.serve_clients:
+                requests = max(cfg.serve_requests, 2 * clients)
+                rounds = {name: [] for name in sides}
+                for r in range(cfg.serve_rounds):
+                    for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+                        rounds[name].append(asyncio.run(_load(servers[name][1], posts, clients, requests,
+                                                              cfg.serve_seconds, cfg.serve_tokens)))
+                level = {name: _merge_rounds(rs) for name, rs in rounds.items()}
+                ratios = [a / b for a, b in zip(level["batched"]["rounds_requests_per_s"],
+                                                level["one_at_a_time"]["rounds_requests_per_s"])]
+                level["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+                levels[str(clients)] = level
+                print0(f"bench: serve {clients} clients: {level['batched']['requests_per_s']:.2f} vs "
+                       f"{level['one_at_a_time']['requests_per_s']:.2f} requests/s")
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=30)
+    return {"model": cfg.serve_ckpt or f"random {cfg.model}", "tokens": cfg.serve_tokens,
+            "max_batch": cfg.serve_max_batch, "rounds": cfg.serve_rounds, "levels": levels}
+
+
 # Sections in the order they run.
 SECTIONS = {
     "train": bench_train,
     "generate": bench_generate,
     "hellaswag": lambda cfg, ours, hf, rt: bench_hellaswag(cfg, ours, rt),
     "ppo": lambda cfg, ours, hf, rt: bench_ppo(cfg, ours, rt),
+    "serve": lambda cfg, ours, hf, rt: bench_serve(cfg, ours, rt),
 }
 
 
@@ -475,6 +631,20 @@ def format_report(results: dict) -> str:
         lines += [f"| total | {p['total_median_s']:.2f} | |", "",
                   f"Rollout share of the step (median of per-step shares): {100 * p['rollout_share']:.0f}%; "
                   f"generation {_num(p['gen_tok_per_s'])} tokens/s.", ""]
+    if "serve" in results:
+        sv = results["serve"]
+        lines += [f"**Serving** (serve.py, {sv['model']}), streaming clients on loopback, {sv['tokens']}-token summaries, "
+                  f"{sv['rounds']} rounds per level", "",
+                  "| clients | server | requests/s | tokens/s | TTFT p50 / p95 s | latency p50 / p95 s | errors | batched faster by |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for clients, level in sv["levels"].items():
+            for side, label in (("batched", f"batched (max {sv['max_batch']})"), ("one_at_a_time", "one at a time")):
+                st = level[side]
+                ratio = _ratio(level["ratio"]) if side == "batched" else ""
+                lines.append(f"| {clients} | {label} | {st['requests_per_s']:.2f} | {_num(st['tokens_per_s'])} | "
+                             f"{st['ttft_p50_s']:.3f} / {st['ttft_p95_s']:.3f} | {st['latency_p50_s']:.2f} / "
+                             f"{st['latency_p95_s']:.2f} | {st['errors']} | {ratio} |")
+        lines.append("")
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for tgt in results["targets"]:
         value = "-" if tgt["value"] is None else f"{tgt['value']:.2f}x"
@@ -501,6 +671,10 @@ def main(cfg: Config) -> dict:
            cfg.hellaswag_batch, *cfg.gen_batch_sizes) < 1 or min(cfg.warmup, cfg.threads) < 0:
         raise UserError("batch sizes, --train-steps, --repeats, --gen-tokens and --hellaswag-rows must be "
                         "positive, --warmup and --threads not negative")
+    if "serve" in cfg.sections and (min(*cfg.serve_clients, cfg.serve_requests, cfg.serve_rounds, cfg.serve_tokens,
+                                        cfg.serve_max_batch) < 1 or cfg.serve_seconds <= 0):
+        raise UserError("--serve-clients, --serve-requests, --serve-rounds, --serve-tokens, --serve-max-batch and "
+                        "--serve-seconds must be positive")
 
     # --- setup
     rt = compute_init(cfg.seed, cfg.device, "float32")

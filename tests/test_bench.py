@@ -146,3 +146,22 @@ def test_logits_with_and_without_autograd_agree(tiny_config):
     assert train_path.requires_grad and not eval_path.requires_grad
     torch.testing.assert_close(train_path.detach(), eval_path)
     assert torch.isinf(eval_path[..., TOKENIZER_VOCAB:]).all() and torch.isfinite(eval_path[..., :TOKENIZER_VOCAB]).all()
+
+
+def test_tiny_serve_section(tmp_path):
+    """bench.py --sections serve: both servers answer every streamed request without an error, the figures
+    are consistent (percentiles ordered, a request's first token before its end) and the target is listed."""
+    out = tmp_path / "serve.json"
+    proc = run_script(["bench.py", "--preset", "tiny", "--sections", "serve", "--threads", "1", "--out", out],
+                      timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "**Serving**" in proc.stdout
+    sv = json.loads(out.read_text())["serve"]
+    assert set(sv["levels"]) == {"1", "4"} and sv["tokens"] == 8
+    for level in sv["levels"].values():
+        for side in ("batched", "one_at_a_time"):
+            st = level[side]
+            assert st["errors"] == 0 and st["requests"] == 8 and st["tokens_per_s"] > 0
+            assert 0 < st["ttft_p50_s"] <= st["ttft_p95_s"] and st["ttft_p50_s"] <= st["latency_p50_s"]
+            assert st["latency_p50_s"] <= st["latency_p95_s"]
+        assert set(level["ratio"]) == RATIO_FIELDS
