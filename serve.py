@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import math
 import queue
 import re
 import secrets
@@ -287,6 +288,19 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+async def read_body(request: Request, max_post_chars: int) -> dict:
+    """The request's JSON object; a body far over what a post of max_post_chars can need (4 bytes a
+    character in UTF-8, 4 x for JSON escapes, plus room for the other fields) is refused unread."""
+    limit = 16 * max_post_chars + 65_536
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"the request body is {int(declared)} bytes, over this server's limit of {limit}")
+    raw = await request.body()
+    if len(raw) > limit:
+        raise RequestError(413, f"the request body is {len(raw)} bytes, over this server's limit of {limit}")
+    return parse_body(raw)
+
+
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw.decode("utf-8"))
@@ -310,6 +324,8 @@ def take(body: dict, name: str, kind: type, default: Any, optional: bool = False
     ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
+    if kind is float and ok and not math.isfinite(value):  # json.loads reads NaN and Infinity
+        ok = False
     if not ok:
         raise RequestError(422, f"{name} must be {_KINDS[kind]}, got {json.dumps(value)[:40]}", name)
     return value
@@ -331,6 +347,8 @@ def take_sampling(body: dict, engine: Engine, temperature_default: float, max_to
     max_new = take(body, max_tokens_field, int, engine.budget, optional=True)
     max_new = engine.budget if max_new is None else max_new
     seed = take(body, "seed", int, None, optional=True)
+    if seed is not None and not 0 <= seed < 2 ** 63 - MAX_COMPLETIONS:
+        raise RequestError(422, f"seed must be in [0, 2^63 - {MAX_COMPLETIONS}), got {seed}", "seed")
     if temperature < 0:
         raise RequestError(422, f"temperature must be >= 0, got {temperature}", "temperature")
     if top_k < 0:
@@ -373,7 +391,7 @@ class Result:
 
 
 async def run_jobs(engine: Engine, prompt_jobs: list[tuple[list[int], Sampling]], top_probs: int,
-                   on_token: Callable[[int, dict, float], Any] | None = None) -> list[Result]:
+                   on_token: Callable[[int, dict, float], None] | None = None) -> list[Result]:
     """Submit one job per (prompt, sampling), await every row's end; on_token(row, event, elapsed) is called
     in the event loop for each token. If the caller is cancelled (a client that went away), its rows are
     stopped."""
@@ -401,9 +419,7 @@ async def run_jobs(engine: Engine, prompt_jobs: list[tuple[list[int], Sampling]]
             if event["kind"] == "done":
                 results[row] = Result(event["tokens"], event["ended"], time.perf_counter() - start)
             elif on_token is not None:
-                maybe = on_token(row, event, time.perf_counter() - start)
-                if asyncio.iscoroutine(maybe):
-                    await maybe
+                on_token(row, event, time.perf_counter() - start)
     finally:
         for job in jobs:
             job.cancelled.set()
@@ -477,7 +493,7 @@ def create_app(engines: dict[str, Engine], cfg: Config):
 
     @app.post("/api/summarize")
     async def summarize(request: Request):
-        body = parse_body(await request.body())
+        body = await read_body(request, cfg.max_post_chars)
         engine = pick_engine(engines, body.get("model"))
         text = take_post(body.get("post"), cfg.max_post_chars)
         post = tldr.Post(text, take(body, "title", str, "").strip(),
@@ -537,7 +553,7 @@ def create_app(engines: dict[str, Engine], cfg: Config):
 
     @app.post("/v1/completions")
     async def v1_completions(request: Request):
-        body = parse_body(await request.body())
+        body = await read_body(request, cfg.max_post_chars)
         engine = pick_engine(engines, body.get("model"))
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts

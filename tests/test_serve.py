@@ -151,6 +151,7 @@ def test_openai_stream_chunks(client):
     ({"post": "hi", "top_probs": -1}, 422, "top_probs must be in [0, 20]"),
     ({"post": "hi", "temperature": "hot"}, 422, "temperature must be a number"),
     ({"post": "hi", "top_k": True}, 422, "top_k must be an integer"),
+    ({"post": "hi", "seed": -1}, 422, "seed must be in"),
 ])
 def test_bad_input_gets_a_clear_error(client, body, status, message):
     r = client.post("/api/summarize", json=body)
@@ -165,6 +166,16 @@ def test_body_that_is_not_utf8_json_is_400(client, raw, message):
         r = client.post(path, content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400 and message in r.json()["error"]["message"]
     assert client.post("/api/summarize", json={"post": "still serving"}).status_code == 200
+
+
+def test_non_finite_numbers_and_oversized_bodies(client):
+    """json.loads reads NaN and Infinity: they are not numbers a sampler can use. A body far over what the
+    longest post needs is refused before it is read."""
+    for raw in (b'{"post": "hi", "temperature": NaN}', b'{"post": "hi", "top_p": Infinity}'):
+        r = client.post("/api/summarize", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "must be a number" in r.json()["error"]["message"]
+    r = client.post("/api/summarize", content=b"{" + b" " * 400_000 + b"}", headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "request body" in r.json()["error"]["message"]
 
 
 def test_openai_endpoint_bad_input(client):
