@@ -153,12 +153,14 @@ def make_sync(device: torch.device) -> Callable[[], None]:
 # -----------------------------------------------------------------------------
 # the two models with the same weights
 
-def twin_models(cfg: Config, device: torch.device) -> tuple[GPT, torch.nn.Module]:
+def twin_models(cfg: Config, device: torch.device, with_hf: bool = True) -> tuple[GPT, torch.nn.Module | None]:
     """Our GPT at random init and the same weights in transformers' GPT2LMHeadModel, through the
-    project's own exporter (export_hf) and transformers' own loader."""
+    project's own exporter (export_hf) and transformers' own loader (None when no section compares)."""
     from transformers import GPT2LMHeadModel
     torch.manual_seed(cfg.seed)
     ours = GPT(model_config(cfg.model))
+    if not with_hf:
+        return ours.to(device), None
     with tempfile.TemporaryDirectory() as tmp:
         ours.export_hf(tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp)
@@ -687,10 +689,10 @@ def main(cfg: Config) -> dict:
     out = Path(cfg.out or f"runs/bench/{cfg.preset}-{rt.device_type}.json")
 
     # --- models
-    ours, hf = twin_models(cfg, rt.device)
+    ours, hf = twin_models(cfg, rt.device, with_hf=bool({"train", "generate"} & set(cfg.sections)))
     results = {"machine": machine_info(rt.device), "config": dataclasses.asdict(cfg),
                "model": {"name": cfg.model, **dataclasses.asdict(ours.config), "params": ours.num_params(False),
-                         "hf_attention": hf.config._attn_implementation}}
+                         "hf_attention": hf.config._attn_implementation if hf is not None else None}}
 
     # --- sections
     for name in cfg.sections:

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 import serve
 import summarize
 import tldr
-from common import UserError, config_from, load_checkpoint, save_checkpoint
-from conftest import ROOT, run_script
+from common import cli_main, config_from, load_checkpoint, save_checkpoint
+from conftest import ROOT
 from model import GPT, GPTConfig, ScoreModel
 from test_summarize import INFO, POST, _greedy, _lm
 
@@ -187,21 +187,20 @@ def test_openai_endpoint_bad_input(client):
     assert client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "echo": True}).status_code == 422
 
 
-def test_start_up_errors_exit_2(ckpt_dir, tmp_path):
-    """No usable checkpoint or a port in use: one error line and exit 2 from the real command; a reward model
-    instead of a summarizer and a missing file are the same UserError path, checked in-process."""
+def test_start_up_errors_exit_2(ckpt_dir, tmp_path, capsys):
+    """No usable checkpoint (none in the folder, a missing file, a reward model instead of a summarizer) or a
+    port in use: one error line and exit code 2, through the command's own entry point."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         for args, message in [(["--ckpt-dir", tmp_path], "nothing to serve"),
+                              (["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
+                              (["--ckpt", ckpt_dir / "best_sft.pt", "--ckpt", ckpt_dir / "rm.pt"], "expected ppo or sft"),
                               (["--ckpt-dir", ckpt_dir, "--port", busy.getsockname()[1]], "cannot listen on")]:
-            r = run_script([ROOT / "serve.py", "--device", "cpu", *args], timeout=120)
-            assert r.returncode == 2, r.stderr
-            assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: ") and message in r.stderr
-    for ckpts, message in [([str(ckpt_dir / "best_sft.pt"), str(ckpt_dir / "rm.pt")], "expected ppo or sft"),
-                           ([str(tmp_path / "missing.pt")], "checkpoint not found")]:
-        with pytest.raises(UserError, match=message):
-            serve.load_engines(config_from(serve.Config, None, None, ckpt=ckpts, device="cpu"))
+            with pytest.raises(SystemExit) as e:
+                cli_main(serve.main, serve.Config, argv=["--device", "cpu", "--port", "0", *map(str, args)])
+            err = capsys.readouterr().err
+            assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
 
 
 # -----------------------------------------------------------------------------
