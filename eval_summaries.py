@@ -15,7 +15,7 @@
   word trigrams copied from the post: what over-optimising a reward changes.
 
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge Qwen/Qwen2.5-7B-Instruct --posts 1000   # one GPU
-    python eval_summaries.py --policies best_sft.pt ppo_latest.pt --rm reward_model.pt --posts 1000 --judge-dtype bf16
+    python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge meta-llama/Llama-3.1-8B-Instruct --judge-device cuda:1
     python eval_summaries.py --ckpt-dir checkpoints/small --data data/synthetic/tldr \\
         --comparisons data/synthetic/comparisons --posts 400 --out-dir runs/small/eval                 # CPU, generated world
     python eval_summaries.py --data ../shared/realdata/tldr --split valid --posts 20 --rm ""          # a local folder of posts
@@ -24,8 +24,8 @@ Writes OUT_DIR/eval.json (every figure by name), OUT_DIR/eval.md (the table) and
 the cache: one row per (post, model) with the post's id (a hash of its subreddit, title and text), the
 model's name and checkpoint hash, the summary and whether it ended with EOS. A rerun generates only what
 the cache lacks; a checkpoint that changed (another hash) or another post gets new summaries.
-One process: the summaries of 1,000 posts by GPT-2 124M take minutes on a GPU; a 7B judge on the same
-GPU answers the 4 x 2 x 1,000 questions of two policies in tens of minutes.
+One process: the summaries of 1,000 posts by GPT-2 124M take minutes on a GPU; a 7B judge on the same GPU
+needs tens of minutes for two policies (4 forwards per pair of summaries: two orders, two answers).
 """
 from __future__ import annotations
 

@@ -102,22 +102,24 @@ def eval_figures(eval_path: str, sha256: str) -> tuple[dict | None, dict | None]
 def training_lines(ckpt: dict) -> list[str]:
     """How the checkpoint was trained, from the run's own config and metrics."""
     c, m, stage = ckpt.get("config") or {}, ckpt.get("metrics") or {}, ckpt["stage"]
+    c = {k: c.get(k, "(not recorded)") for k in ("sft", "rm", "kl_coef", "data", "init")}
     lines = []
     if stage == "ppo":
         lines.append(f"- PPO (Stiennon et al. 2020; the N+ implementation details of Huang et al. 2024) for "
-                     f"{ckpt.get('step', 0):,} steps from the SFT model `{c.get('sft', '?')}`, rewarded by the reward "
-                     f"model `{c.get('rm', '?')}` with a per-token KL penalty to the SFT model (beta "
-                     f"{c.get('kl_coef', '?')}), on the posts of `{c.get('data', '?')}`.")
+                     f"{ckpt.get('step', 0):,} steps from the SFT model `{c['sft']}`, rewarded by the reward "
+                     f"model `{c['rm']}` with a per-token KL penalty to the SFT model (beta "
+                     f"{c['kl_coef']}), on the posts of `{c['data']}`.")
         lines.append("- The SFT model: supervised fine-tuning on the reference summaries (loss on summary tokens only); "
-                     "the reward model: initialised from it, Bradley-Terry loss on human preference comparisons.")
+                     "the reward model: initialised from it, Bradley-Terry loss on preference comparisons of summaries.")
     elif stage == "sft":
-        lines.append(f"- Supervised fine-tuning from `{c.get('init', '?')}` on the reference summaries of "
-                     f"`{c.get('data', '?')}` (loss on summary tokens only), {ckpt.get('step', 0):,} steps; the best "
+        lines.append(f"- Supervised fine-tuning from `{c['init']}` on the reference summaries of "
+                     f"`{c['data']}` (loss on summary tokens only), {ckpt.get('step', 0):,} steps; the best "
                      f"checkpoint by validation loss" + (f" ({m['best_val_loss']:.4f})." if "best_val_loss" in m else "."))
     else:
         lines.append(f"- Pretraining only ({ckpt.get('step', 0):,} steps): not a summarizer yet.")
-    lines.append("- Pretrained from random initialisation by this project's `pretrain.py` (GPT-2 recipe of "
-                 "build-nanogpt / llm.c: FineWeb-Edu, or the generated demo world at the CPU sizes).")
+    lines.append("- The pipeline pretrains GPT-2 from random initialisation (`pretrain.py`: the recipe of build-nanogpt / "
+                 "llm.c on FineWeb-Edu, or the generated demo world at the CPU sizes) unless a stage starts from "
+                 "OpenAI's weights (`--init gpt2`).")
     return lines
 
 

@@ -246,8 +246,10 @@ def test_user_errors(tiny_ckpts, synthetic_dir, tmp_path):
     assert proc.returncode == 2 and proc.stderr == f"error: policy checkpoint not found: {tiny_ckpts / 'nope.pt'}\n"
     with pytest.raises(UserError, match="--posts must be positive, got 0"):
         es.main(_cfg(tiny_ckpts, tmp_path, data=data, posts=0))
-    with pytest.raises(UserError, match="cannot load judge"):
-        es.main(_cfg(tiny_ckpts, tmp_path, data=data, judge=str(tmp_path / "no_judge")))
+    proc = run_script(["eval_summaries.py", "--ckpt-dir", tiny_ckpts, "--data", data, "--out-dir", tmp_path,
+                       "--judge", tmp_path / "no_judge", "--device", "cpu"])
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: cannot load judge '{tmp_path / 'no_judge'}'")
+    assert proc.stderr.count("\n") == 1
     with pytest.raises(UserError, match="--rm checkpoint not found"):
         es.main(_cfg(tiny_ckpts, tmp_path, data=data, rm="missing.pt"))
     assert not (tmp_path / "eval.json").exists()

@@ -1,0 +1,110 @@
+"""export.py: the Hugging Face directory loads in transformers offline, its tokenizer is tiktoken's GPT-2
+and its greedy summary is ours; the card carries the evaluation figures of this checkpoint only; the Hub
+upload is called with the directory, and fails in one line offline."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import export
+import tldr
+from common import UserError, config_from, get_tokenizer, save_checkpoint
+from eval_summaries import file_sha256
+from model import GPT, GPTConfig
+
+INFO = tldr.template_info(max_prompt_tokens=200, max_summary_tokens=24)
+POST = tldr.Post("My roommate (25M) keeps eating my food. It's been two months; a note on the fridge did nothing. "
+                 "Should I confront him about it?", "Roommate eats my food", "roommates")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(block_size=256, n_layer=1, n_head=2, n_embd=32))
+    with torch.no_grad():  # peaked logits: a greedy summary that depends on the weights, no near-ties
+        model.transformer.wte.weight.mul_(25)
+        model.transformer.ln_f.weight.normal_()
+    ckpt = save_checkpoint(out / "ppo_latest.pt", stage="ppo", model=model, tldr=INFO, step=12,
+                           config={"sft": "best_sft.pt", "rm": "reward_model.pt", "kl_coef": 0.05, "data": "data/synthetic/tldr"})
+    entry = {"sha256": file_sha256(ckpt), "stage": "ppo", "rouge1": 0.31, "rouge2": 0.12, "rougeL": 0.25, "words": 21.5,
+             "eos_rate": 0.75, "copied_trigrams": 0.4, "win_rates": {"reward_model": {"reference": {
+                 "wins": 3, "ties": 0, "losses": 1, "n": 4, "win_rate": 0.75, "ci95": [0.3006, 0.9544]}}}}
+    (out / "eval.json").write_text(json.dumps({"data": "CarperAI/openai_summarize_tldr", "split": "test", "posts": 4,
+                                               "judge": None, "models": {"ppo_latest": entry}}))
+    export.main(config_from(export.Config, None, None, ckpt=str(ckpt), out=str(out / "hf"), eval=str(out / "eval.json")))
+    return out, model
+
+
+def test_exported_directory_loads_offline_and_summarizes_as_we_do(exported):
+    from transformers import AutoTokenizer, pipeline
+    out, model = exported
+    hf = out / "hf"
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tldr.json", "README.md"} \
+        <= {p.name for p in hf.iterdir()}
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert (gen["eos_token_id"], gen["max_new_tokens"], gen["do_sample"]) == (50256, 24, False)
+    assert json.loads((hf / "tldr.json").read_text()) == INFO
+
+    # the tokenizer is tiktoken's gpt2, byte for byte, special token included
+    tok = AutoTokenizer.from_pretrained(hf)
+    text = "SUBREDDIT: r/test\nTITLE: Héllo  wörld 😀\nPOST: I've   been there...\n\n\tTL;DR: ok<|endoftext|>"
+    assert tok(text)["input_ids"] == get_tokenizer().encode(text, allowed_special="all")
+    assert tok.eos_token_id == 50256
+
+    # our summarizer's greedy summary (the prompt fits the budget: nothing is cut)
+    ids, truncated = tldr.prompt_tokens(POST, INFO["max_prompt_tokens"], INFO["template"])
+    assert not truncated
+    ours = tldr.generate_summaries(model, [POST], max_new_tokens=INFO["max_summary_tokens"],
+                                   max_prompt_tokens=INFO["max_prompt_tokens"], template=INFO["template"])[0]
+    assert ours
+    summarize = pipeline("text-generation", model=str(hf), device="cpu")
+    got = summarize(tldr.render_prompt(POST, INFO["template"]), return_full_text=False)[0]["generated_text"]
+    assert got.strip() == ours
+
+
+def test_model_card_says_how_it_was_trained_and_its_figures(exported, tmp_path):
+    out, _ = exported
+    card = (out / "hf" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:" in card
+    assert "12 steps from the SFT model `best_sft.pt`" in card and "(beta 0.05)" in card
+    assert "| ROUGE-1 / ROUGE-2 / ROUGE-L | 0.310 / 0.120 / 0.250 |" in card
+    assert "| win rate against the reference summaries, by the reward model | 75.0% (95% CI 30.1-95.4, n=4) |" in card
+    # figures of another checkpoint are refused, not copied into the card
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, stage="sft", model=GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)), tldr=INFO)
+    with pytest.raises(UserError, match="holds no figures of this checkpoint"):
+        export.main(config_from(export.Config, None, None, ckpt=str(other), out=str(tmp_path / "x"),
+                                eval=str(out / "eval.json")))
+    with pytest.raises(UserError, match="--out DIR is required"):
+        export.main(config_from(export.Config, None, None, ckpt=str(other)))
+
+
+def test_push_to_hub_uploads_the_directory_and_fails_cleanly_offline(exported, tmp_path, monkeypatch):
+    out, _ = exported
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, **kw):
+            calls.append(("create", repo, kw["private"], kw["exist_ok"]))
+
+        def upload_folder(self, folder_path, repo_id, **kw):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    import huggingface_hub
+    real = huggingface_hub.HfApi
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    export.main(config_from(export.Config, None, None, ckpt=str(out / "ppo_latest.pt"), out=str(tmp_path / "hf"),
+                            push_to_hub="someone/tldr-ppo", private=True))
+    assert calls[0] == ("create", "someone/tldr-ppo", True, True)
+    assert calls[1][:2] == ("upload", "someone/tldr-ppo") and "model.safetensors" in calls[1][2]
+    assert "summarize = pipeline(\"text-generation\", model=\"someone/tldr-ppo\")" in (tmp_path / "hf" / "README.md").read_text()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", real)   # the real client, offline (HF_HUB_OFFLINE=1 in the tests)
+    with pytest.raises(UserError, match=r"cannot push to the Hub repo someone/tldr-ppo .*; .* is written"):
+        export.push(tmp_path / "hf", "someone/tldr-ppo", False)
+    with pytest.raises(UserError, match="owner/name"):
+        export.main(config_from(export.Config, None, None, ckpt=str(out / "ppo_latest.pt"), out=str(tmp_path / "y"),
+                                push_to_hub="no-owner"))
