@@ -396,7 +396,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
 
 
-def start_servers(ckpt: Path, max_batches: dict[str, int], device: str) -> dict:
+def start_servers(ckpt: Path, max_batches: dict[str, int], device: str, threads: int = 0) -> dict:
     """serve.py in its own process per side, on free loopback ports, all starting at once:
     {side: (process, base URL)} once every /health answers."""
     import socket
@@ -409,7 +409,8 @@ def start_servers(ckpt: Path, max_batches: dict[str, int], device: str) -> dict:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt),
-                                 "--port", str(port), "--max-batch", str(max_batch), "--device", device],
+                                 "--port", str(port), "--max-batch", str(max_batch), "--device", device,
+                                 "--threads", str(threads)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         servers[name] = (proc, f"http://127.0.0.1:{port}")
     deadline = time.time() + 120
@@ -485,8 +486,9 @@ def _merge_rounds(rounds: list[dict]) -> dict:
 
 def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     """serve.py serving `ours` (or --serve-ckpt) in two processes, one batching (--max-batch
-    serve_max_batch) and one taking a request at a time; for each client count, rounds that alternate
-    which server goes first, each a closed loop of streaming requests for generated TL;DR posts."""
+    serve_max_batch) and one taking a request at a time, each with --threads torch threads; for each client
+    count, rounds that alternate which server goes first, each a closed loop of streaming requests for
+    generated TL;DR posts."""
     import synthetic
     import tldr
     posts = [{"post": p.post, "title": p.title, "subreddit": p.subreddit}
@@ -497,7 +499,7 @@ def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
         if not cfg.serve_ckpt:
             save_checkpoint(ckpt, stage="sft", model=ours, tldr=tldr.template_info(
                 max_prompt_tokens=cfg.ppo_prompt_tokens, max_summary_tokens=cfg.serve_tokens))
-        servers = start_servers(ckpt, sides, str(rt.device))
+        servers = start_servers(ckpt, sides, str(rt.device), cfg.threads)
         try:
             for name, (_, url) in servers.items():  # warm-up: first-call allocations and thread start
                 asyncio.run(_load(url, posts, 2, 2, 60.0, cfg.serve_tokens))

@@ -65,6 +65,7 @@ class Config:
     port: int = 8000                      # TCP port
     device: str = "auto"                  # auto | cuda | cpu | mps
     dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+    threads: int = 0                      # torch CPU threads (0: torch's default, one per core; fewer leaves cores to the web server and clients)
     max_post_chars: int = 20_000          # longest post accepted, in characters (longer: 413)
     max_batch: int = 32                   # most requests decoded together in one batch (1: one at a time)
     batch_wait_ms: float = 5.0            # after a request arrives, how long to wait for others to share its batch
@@ -264,6 +265,8 @@ def load_engines(cfg: Config) -> dict[str, Engine]:
     """Every checkpoint loaded once, each with its decoding thread; the first is the default model."""
     check_config(cfg)
     rt = compute_init(0, cfg.device, cfg.dtype)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     paths = checkpoint_paths(cfg)
     loaded = [(name, Summarizer.from_checkpoint(load_checkpoint(p, STAGES), rt.device), p)
               for name, p in zip(model_names(paths), paths)]
@@ -272,9 +275,9 @@ def load_engines(cfg: Config) -> dict[str, Engine]:
 
 
 def check_config(cfg: Config):
-    if cfg.max_batch < 1 or cfg.batch_wait_ms < 0 or cfg.max_post_chars < 1:
-        raise UserError(f"--max-batch and --max-post-chars must be >= 1 and --batch-wait-ms >= 0, got "
-                        f"{cfg.max_batch}, {cfg.max_post_chars} and {cfg.batch_wait_ms}")
+    if cfg.max_batch < 1 or cfg.batch_wait_ms < 0 or cfg.max_post_chars < 1 or cfg.threads < 0:
+        raise UserError(f"--max-batch and --max-post-chars must be >= 1, --batch-wait-ms and --threads >= 0, got "
+                        f"{cfg.max_batch}, {cfg.max_post_chars}, {cfg.batch_wait_ms} and {cfg.threads}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
 
