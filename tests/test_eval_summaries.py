@@ -272,20 +272,22 @@ def test_real_tldr_posts_end_to_end(tiny_ckpts, tmp_path):
     assert record["reference"]["words"] == pytest.approx(np.mean([len(r["label"].split()) for r in rows]))
 
 
-def test_oracle_judge_ranks_ppo_over_sft_as_the_paired_gold_difference(small_sft_ckpt, small_rm_ckpt, small_ppo_run,
-                                                                       synthetic_dir, tmp_path):
+def test_oracle_judge_ranks_ppo_and_sft_as_the_paired_gold_difference(small_sft_ckpt, small_rm_ckpt, small_ppo_run,
+                                                                      synthetic_dir, tmp_path):
+    # the suite's small chain (its reward model learned the world's variant comparisons): measured on 200
+    # test posts gold 0.128 -> 0.087 (-0.041 +- 0.017), oracle win rate over SFT 0.425 (0.359-0.494)
     ppo_dir = small_ppo_run[0]
     record = es.main(config_from(es.Config, None, None, policies=[str(small_sft_ckpt), str(ppo_dir / "ppo_latest.pt")],
                                  sft=str(small_sft_ckpt), rm=str(small_rm_ckpt), data=str(synthetic_dir / "tldr"),
-                                 comparisons=str(synthetic_dir / "comparisons"), rm_pairs=200, posts=200,
-                                 out_dir=str(tmp_path), device="cpu", batch_size=64))
+                                 comparisons=str(synthetic_dir / "comparisons"), rm_pairs=100, posts=200,
+                                 out_dir=str(tmp_path), device="cpu", batch_size=100))
     ppo = record["models"]["ppo_latest"]
     win, diff = ppo["win_rates"]["gold"]["sft"], ppo["vs_sft"]["score"]
     print(f"small chain, 200 test posts: gold {record['models']['best_sft']['gold']:.3f} -> {ppo['gold']:.3f} "
           f"({diff['diff']:+.3f} +- {diff['se']:.3f}); oracle win rate over SFT {win['win_rate']:.3f} {win['ci95']}; "
           f"RM win rate {ppo['win_rates']['reward_model']['sft']['win_rate']:.3f}")
-    assert (win["win_rate"] > 0.5) == (diff["diff"] > 0)
-    assert record["reward_model_vs_gold"]["rm_gold_summaries"] == 400
+    assert win["win_rate"] != 0.5 and (win["win_rate"] > 0.5) == (diff["diff"] > 0)
+    assert record["reward_model_vs_gold"]["rm_gold_summaries"] == 200
 
 
 def test_correlations_and_paired_difference_against_references():
