@@ -4,6 +4,7 @@ reports, not what a shared CI machine can promise."""
 import json
 
 import pytest
+import torch
 
 import bench
 from common import UserError, config_from
@@ -155,15 +156,17 @@ def test_logits_with_and_without_autograd_agree(tiny_config):
     assert torch.isinf(eval_path[..., TOKENIZER_VOCAB:]).all() and torch.isfinite(eval_path[..., :TOKENIZER_VOCAB]).all()
 
 
-def test_tiny_serve_section(tmp_path):
-    """bench.py --sections serve: both servers answer every streamed request without an error, the figures
-    are consistent (percentiles ordered, a request's first token before its end) and the target is listed."""
-    out = tmp_path / "serve.json"
-    proc = run_script(["bench.py", "--preset", "tiny", "--sections", "serve", "--threads", "1", "--out", out],
-                      timeout=240)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "**Serving**" in proc.stdout
-    sv = json.loads(out.read_text())["serve"]
+def test_tiny_serve_section(tmp_path, capsys):
+    """bench.py --sections serve (in-process; the two servers are real processes): both answer every streamed
+    request without an error, the figures are consistent (percentiles ordered, a request's first token
+    before its end) and the target is read from them."""
+    out, threads = tmp_path / "serve.json", torch.get_num_threads()
+    try:  # --threads 1 sets this process's torch threads too: the rest of the suite keeps its own
+        r = bench.main(config_from(bench.Config, bench.PRESETS, "tiny", sections=["serve"], threads=1, out=str(out)))
+    finally:
+        torch.set_num_threads(threads)
+    assert "**Serving**" in capsys.readouterr().out and json.loads(out.read_text())["serve"] == r["serve"]
+    sv = r["serve"]
     assert set(sv["levels"]) == {"1", "4"} and sv["tokens"] == 8
     for level in sv["levels"].values():
         for side in ("batched", "one_at_a_time"):
@@ -172,3 +175,4 @@ def test_tiny_serve_section(tmp_path):
             assert 0 < st["ttft_p50_s"] <= st["ttft_p95_s"] and st["ttft_p50_s"] <= st["latency_p50_s"]
             assert st["latency_p50_s"] <= st["latency_p95_s"]
         assert set(level["ratio"]) == RATIO_FIELDS
+    assert [t["value"] for t in r["targets"] if t["key"].startswith("serve.")] == [None]  # 8 clients not run
