@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -90,14 +89,6 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-class DecodeStep(NamedTuple):
-    """One step of GPT.decode_steps, for a batch of B rows."""
-    tokens: torch.Tensor    # (B,) the new token of each row (pad_id for a row that has ended)
-    logprobs: torch.Tensor  # (B,) its log-prob under the sampling distribution (0 for an ended row)
-    real: torch.Tensor      # (B,) bool: the row had not ended, so its token is real (an EOS included)
-    logp: torch.Tensor      # (B, V) the sampling distribution's log-probs (for a server's top tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -299,59 +290,50 @@ class GPT(nn.Module):
         temperature 0 is greedy. Returns (tokens, logprobs, mask), each (B, N) with N <= max_new_tokens:
         the new tokens (pad_id after a row's EOS), their log-probs under the distribution they were
         drawn from (temperature, top-k and top-p applied; greedy reports temperature 1), and a 0/1 mask
-        of real tokens (the EOS included)."""
-        steps = list(self.decode_steps(idx, attention_mask, max_new_tokens, temperature, top_k, top_p, eos_id,
-                                       min_new_tokens, generator, pad_id))
-        return (torch.stack([s.tokens for s in steps], 1), torch.stack([s.logprobs for s in steps], 1),
-                torch.stack([s.real.long() for s in steps], 1))
-
-    @torch.no_grad()
-    def decode_steps(self, idx, attention_mask=None, max_new_tokens: int = 64, temperature=1.0, top_k=None,
-                     top_p=None, eos_id: int | None = EOS_ID, min_new_tokens: int = 0, generator=None,
-                     pad_id: int = PAD_ID, stop: torch.Tensor | None = None):
-        """What `generate` does, one new token per row at a time: yields a DecodeStep per step, so that a
-        server can stream each token as it is made.
+        of real tokens (the EOS included).
 
         The sampling settings may differ from row to row: temperature, top_k and top_p each take a number
         or a (B,) tensor (temperature 0: greedy; top_k 0 and top_p 1: off), and generator one
         torch.Generator or a list of one per row (None: the global RNG), so that a row samples exactly as
-        it would alone. `stop`, a (B,) bool tensor the caller may set between steps, ends those rows
-        (a client that went away): they get pad_id from the next step on, and decoding ends early once
-        every row has ended."""
+        it would alone."""
         B, T0 = idx.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
         if attention_mask[:, -1].min() == 0:
             raise ValueError("generate expects left-padded prompts (the last column must be real tokens)")
         max_new_tokens = min(max_new_tokens, self.config.block_size - T0)
-        param = next(self.parameters())
-        cache_dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
-            else param.dtype
-        cache = KVCache(self.config, B, T0 + max_new_tokens, idx.device, cache_dtype)
+        cache = KVCache(self.config, B, T0 + max_new_tokens, idx.device, self.cache_dtype())
         mask = torch.cat([attention_mask.long(), attention_mask.new_zeros(B, max_new_tokens).long()], dim=1)
         next_pos = positions_from_mask(attention_mask)[:, -1:] + 1                # (B, 1)
         x = self.hidden_states(idx, mask[:, :T0], cache)[:, -1]                   # (B, C)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         greedy = greedy_rows(temperature, B, idx.device)                         # a bool or (B,)
+        out_tokens, out_logprobs, out_mask = [], [], []
         for t in range(max_new_tokens):
-            if stop is not None:
-                done = done | stop.to(done.device)
             logits = self.logits(x).float()                                       # (B, V)
             if eos_id is not None and t < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
             tok, logp = choose_tokens(logits, temperature, top_k, top_p, generator, greedy)
             tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            yield DecodeStep(tok, torch.where(done, torch.zeros_like(tok_logp), tok_logp), ~done, logp)
+            out_tokens.append(tok)
+            out_logprobs.append(torch.where(done, torch.zeros_like(tok_logp), tok_logp))
+            out_mask.append((~done).long())
             if eos_id is not None:
                 done = done | (tok == eos_id)
-            if stop is not None:
-                done = done | stop.to(done.device)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             mask[:, T0 + t] = 1
             x = self.hidden_states(tok[:, None], mask[:, :T0 + t + 1], cache, positions=next_pos)[:, -1]
             next_pos = next_pos + 1
+        return torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_mask, 1)
+
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype a KV cache holds: autocast's when it is on (keys and values come out in it), else the
+        weights'."""
+        param = next(self.parameters())
+        return torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
 
     # --- optimizer and FLOPs ---------------------------------------------------------------------
 
@@ -541,7 +523,7 @@ class BatchDecoder:
     a row computes what it would alone. Padding that no row needs any more is dropped when rows leave, so
     the cache never holds more slots than its longest row: every row that fits the context alone fits.
 
-        decoder.add(prompts, budgets)   # prefill; the rows are appended
+        decoder.add(idx, mask, budgets) # prefill left-padded prompts; the rows are appended
         logits = decoder.logits()       # (B, V) next-token logits of every row
         decoder.keep(rows)              # drop the others (finished, cancelled)
         decoder.advance(tokens)         # feed one token per row
@@ -553,22 +535,17 @@ class BatchDecoder:
         self.cache: KVCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)      # (B, L) real slots
         self.next_pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) next token's position
-        self.remaining = torch.zeros(0, dtype=torch.long, device=self.device)    # (B,) tokens each row may still take
+        self.remaining: list[int] = []                                           # tokens each row may still take
         self.x = torch.zeros(0, model.config.n_embd, device=self.device)         # (B, C) last hidden state per row
 
     @property
     def rows(self) -> int:
         return self.mask.size(0)
 
-    def _cache_dtype(self) -> torch.dtype:
-        param = next(self.model.parameters())
-        return torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
-            else param.dtype
-
     def _new_cache(self, rows: int, filled: int, dtype) -> KVCache:
         """A zeroed cache (masked slots must hold finite numbers: softmax weight 0 times NaN is NaN) with room
         for `filled` slots plus the most tokens any row may still take."""
-        room = filled + (int(self.remaining.max()) if self.remaining.numel() else 0)
+        room = filled + max(self.remaining, default=0)
         cache = KVCache(self.model.config, rows, min(room, self.model.config.block_size), self.device, dtype)
         cache.k.zero_()
         cache.v.zero_()
@@ -576,26 +553,22 @@ class BatchDecoder:
         return cache
 
     @torch.no_grad()
-    def add(self, prompts: list[list[int]], budgets: list[int]):
-        """Prefill the prompts (left-padded among themselves) and append them as rows; budgets[i] is how
-        many tokens row i may be fed."""
+    def add(self, idx: torch.Tensor, mask: torch.Tensor, budgets: list[int]):
+        """Prefill left-padded prompts idx (b, P) with their 0/1 mask and append them as rows; budgets[i] is
+        how many tokens row i may be fed."""
         block = self.model.config.block_size
-        for p, n in zip(prompts, budgets):
-            if not p or len(p) + n > block:
-                raise ValueError(f"a prompt of {len(p)} tokens and {n} new ones do not fit block_size {block}")
-        P, b, dtype = max(map(len, prompts)), len(prompts), self._cache_dtype()
-        idx = torch.full((b, P), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((b, P), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            idx[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
+        lengths = mask.sum(1).tolist()
+        for n_prompt, n_new in zip(lengths, budgets):
+            if not n_prompt or n_prompt + n_new > block:
+                raise ValueError(f"a prompt of {n_prompt} tokens and {n_new} new ones do not fit block_size {block}")
+        (b, P), dtype = idx.shape, self.model.cache_dtype()
         idx, mask = idx.to(self.device), mask.to(self.device)
         fresh = KVCache(self.model.config, b, P, self.device, dtype)
         x = self.model.hidden_states(idx, mask, fresh)[:, -1]                     # (b, C)
         old, B = self.cache, self.rows
         L_old = old.len if old is not None else 0
         L = max(L_old, P)
-        self.remaining = torch.cat([self.remaining, torch.tensor(budgets, dtype=torch.long, device=self.device)])
+        self.remaining = self.remaining + list(budgets)
         cache = self._new_cache(B + b, L, dtype)
         if old is not None:
             cache.k[:, :B, :, L - L_old:L] = old.k[:, :, :, :L_old]
@@ -619,7 +592,7 @@ class BatchDecoder:
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
-        self.remaining, self.x = self.remaining[index], self.x[index]
+        self.remaining, self.x = [self.remaining[r] for r in rows], self.x[index]
         if not rows:
             self.cache, self.mask = None, self.mask[:, :0]
             return
@@ -635,13 +608,13 @@ class BatchDecoder:
         """Feed one token per row (B,): every row's cache grows by one slot."""
         if self.rows == 0:
             return
-        if bool((self.remaining <= 0).any()):
+        if min(self.remaining) <= 0:
             raise ValueError("a row was fed past its budget")
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.x = self.model.hidden_states(tokens.to(self.device)[:, None], self.mask, self.cache,
                                           positions=self.next_pos)[:, -1]
         self.next_pos = self.next_pos + 1
-        self.remaining = self.remaining - 1
+        self.remaining = [n - 1 for n in self.remaining]
 
 
 # -----------------------------------------------------------------------------

@@ -190,7 +190,7 @@ class Engine:
             try:
                 with self.rt.autocast():
                     if new:
-                        decoder.add([j.prompt for j in new], [j.max_new_tokens for j in new])
+                        decoder.add(*tldr.left_pad([j.prompt for j in new]), [j.max_new_tokens for j in new])
                         rows += [Row(j, TextStream(self.tokenizer)) for j in new]
                         self.stats["requests"] += len(new)
                         self.stats["prefills"] += 1
@@ -205,8 +205,8 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         jobs = [r.job for r in rows]
-        tokens, logp = choose_tokens(decoder.logits(), torch.tensor([j.temperature for j in jobs]),
-                                     torch.tensor([j.top_k for j in jobs]), torch.tensor([j.top_p for j in jobs]),
+        tokens, logp = choose_tokens(decoder.logits(), row_setting([j.temperature for j in jobs]),
+                                     row_setting([j.top_k for j in jobs]), row_setting([j.top_p for j in jobs]),
                                      [j.generator for j in jobs])
         top_n = max(j.top_probs for j in jobs)
         if top_n:
@@ -238,6 +238,12 @@ class Engine:
         if tail:
             row.job.emit({"kind": "token", "id": None, "text": tail, "top": [], "n": len(row.tokens)})
         row.job.emit({"kind": "done", "tokens": row.tokens, "ended": ended})
+
+
+def row_setting(values: list):
+    """A sampling setting of the batch's rows: one number when every row has the same (the common case,
+    which the sampler handles without per-row tensors or device syncs), else a (B,) tensor."""
+    return values[0] if all(v == values[0] for v in values) else torch.tensor(values)
 
 
 # -----------------------------------------------------------------------------

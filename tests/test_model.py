@@ -235,22 +235,6 @@ def test_per_row_sampling_settings_equal_each_row_alone(tiny_config):
         torch.testing.assert_close(per_row[i], sampling_logprobs(logits[i:i + 1], temps[i], ks[i] or None, ps[i])[0])
 
 
-def test_decode_steps_stop_ends_a_row(tiny_config):
-    """Setting a row's `stop` flag between steps pads that row from the next step on; the other row goes on,
-    and decoding ends as soon as every row has stopped."""
-    torch.manual_seed(0)
-    model = GPT(tiny_config).eval()
-    stop = torch.zeros(2, dtype=torch.bool)
-    steps = model.decode_steps(_ids(2, 5, seed=23), max_new_tokens=20, temperature=0, eos_id=None, stop=stop)
-    first = next(steps)
-    assert first.real.tolist() == [True, True] and first.logp.shape == (2, tiny_config.vocab_size)
-    stop[0] = True
-    second = next(steps)
-    assert second.tokens[0] == PAD_ID and second.real.tolist() == [False, True]
-    stop[1] = True
-    assert list(steps) == []
-
-
 def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config):
     """Continuous batching: rows of different lengths join a running decode at different steps and leave
     when their budget is spent; every row makes the tokens generate makes for it alone, greedy or sampled
@@ -267,7 +251,7 @@ def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config
     decoder, active, out, slots = BatchDecoder(model), [], [[] for _ in prompts], []
     for step in range(40):
         if step in joins:
-            decoder.add([prompts[k] for k in joins[step]], [budgets[k] for k in joins[step]])
+            decoder.add(*_left_pad([prompts[k] for k in joins[step]]), [budgets[k] for k in joins[step]])
             active += joins[step]
         if not active:
             break
