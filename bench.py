@@ -45,8 +45,14 @@ from typing import Callable
 
 import torch
 
-from common import Runtime, UserError, atomic_write, cli_main, compute_init, print0, save_checkpoint, select_dtype
+import hellaswag
+import ppo
+import synthetic
+import tldr
+from checkpoints import save_checkpoint
+from common import Runtime, UserError, cli_main, compute_init, print0, select_dtype, write_json
 from model import EOS_ID, GPT, MODEL_PRESETS, TOKENIZER_VOCAB, ScoreModel, model_config
+from training import read_log
 
 
 @dataclass
@@ -312,15 +318,12 @@ def bench_generate(cfg: Config, ours: GPT, hf: torch.nn.Module, rt: Runtime) -> 
 def hellaswag_rows(cfg: Config) -> tuple[list[dict], str]:
     """Rows to time and where they came from: a real file, or the generated world (synthetic.py)."""
     if cfg.hellaswag_file:
-        from hellaswag import load_rows
-        return load_rows(cfg.hellaswag_file, limit=cfg.hellaswag_rows), cfg.hellaswag_file
-    from synthetic import make_hellaswag
-    return make_hellaswag(seed=cfg.seed, num=cfg.hellaswag_rows, split="val"), "synthetic.make_hellaswag"
+        return hellaswag.load_rows(cfg.hellaswag_file, limit=cfg.hellaswag_rows), cfg.hellaswag_file
+    return synthetic.make_hellaswag(seed=cfg.seed, num=cfg.hellaswag_rows, split="val"), "synthetic.make_hellaswag"
 
 
 def bench_hellaswag(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     """Examples/s of hellaswag.evaluate batched vs one example per forward; both must score alike."""
-    from hellaswag import evaluate
     rows, source = hellaswag_rows(cfg)
     if not rows:
         raise UserError(f"no HellaSwag rows in {source}")
@@ -329,7 +332,7 @@ def bench_hellaswag(cfg: Config, ours: GPT, rt: Runtime) -> dict:
 
     def side(batch_size):
         def run():
-            results_of[batch_size] = evaluate(ours, rows, rt=hrt, style=cfg.hellaswag_style,
+            results_of[batch_size] = hellaswag.evaluate(ours, rows, rt=hrt, style=cfg.hellaswag_style,
                                               batch_size=batch_size, progress=False)
         return run
 
@@ -350,9 +353,6 @@ def bench_ppo(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     (policy/reference log-probs, values, reward in one forward each) and update (--ppo-epochs x
     minibatches), read from its per-step log. The policy, reference, reward and value models are `ours`
     (the reward model is its trunk with a fresh head), prompts are generated TL;DR posts."""
-    import ppo
-    import synthetic
-    import tldr
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synthetic.write_all(tmp / "data", seed=cfg.seed, **synthetic.PRESETS["tiny"])
@@ -368,7 +368,7 @@ def bench_ppo(cfg: Config, ours: GPT, rt: Runtime) -> dict:
                          save_every=0, gold="off", max_approx_kl=0.0, ckpt_dir=str(tmp), run_name=str(tmp / "run"),
                          device=str(rt.device.type), dtype="float32", compile=False, seed=cfg.seed)
         ppo.main(run)
-        steps = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
+        steps = read_log(tmp / "run" / "log.jsonl")
     steps = [r for r in steps if r["kind"] == "train"][cfg.warmup:]
     parts = {"rollout": "t_gen", "scoring": "t_score", "update": "t_update"}
     res = {"rollouts": cfg.ppo_rollouts, "prompt_tokens": cfg.ppo_prompt_tokens,
@@ -489,8 +489,6 @@ def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     serve_max_batch) and one taking a request at a time, each with --threads torch threads; for each client
     count, rounds that alternate which server goes first, each a closed loop of streaming requests for
     generated TL;DR posts."""
-    import synthetic
-    import tldr
     posts = [{"post": p.post, "title": p.title, "subreddit": p.subreddit}
              for p in synthetic.make_world(seed=cfg.seed, num_posts=400)["train"]]
     sides = {"batched": cfg.serve_max_batch, "one_at_a_time": 1}
@@ -707,7 +705,7 @@ def main(cfg: Config) -> dict:
 
     # --- report
     print0(format_report(results))
-    atomic_write(out, lambda f: f.write(json.dumps(results, indent=2)), "w")
+    write_json(out, results)
     print0(f"wrote {out}")
     return results
 

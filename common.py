@@ -1,5 +1,6 @@
-"""What every stage shares: config parsing, runtime setup (seed, device, DDP, dtype), autocast and
-GradScaler, the LR schedule, checkpoints, the tokenizer, logging and the user-error path.
+"""What every stage shares: flags from a Config dataclass, runtime setup (seed, device, DDP, dtype, autocast
+and GradScaler), the tokenizer, atomic writes and JSONL files, and the user-error path. Checkpoints live in
+checkpoints.py, the training skeleton in training.py.
 
 A library: importing it has no side effects.
 """
@@ -10,13 +11,10 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import os
-import pickle
 import random
 import re
 import sys
-import time
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +26,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 BUNDLED_TIKTOKEN_CACHE = ROOT / "assets" / "tiktoken_cache"
-CHECKPOINT_FORMAT = 1
 
 
 # -----------------------------------------------------------------------------
@@ -280,53 +277,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# schedule
-
-def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
-    """Linear warmup from max_lr/warmup to max_lr, then cosine decay to min_lr at max_steps."""
-    if step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    ratio = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
-
-
-def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Whether two models hold equal tensors under the same names (a policy not yet updated and its
-    reference: an evaluation of one stands for both)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: float, step: int) -> tuple[float, bool]:
-    """A training stage's optimizer step once its gradients are accumulated: stop with a clear message
-    when the step's loss (all ranks) is not finite, set the learning rate, unscale, clip (0: no
-    clipping), step. Returns (grad norm, skipped): with fp16 the GradScaler skips a step whose gradients
-    overflowed and lowers its scale - normal and counted, not fatal."""
-    if not math.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}: training diverged; resume from the last checkpoint "
-                        f"with a lower --max-lr, or use --dtype float32/bfloat16")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scale = scaler.get_scale()
-    scaler.step(optimizer)
-    scaler.update()
-    return norm.item(), scaler.is_enabled() and scaler.get_scale() < scale
-
-
-def grad_accum_steps(total_batch: int, micro_batch: int, world_size: int, unit: str = "tokens") -> int:
-    """Micro-steps per optimizer step so that micro_batch * world_size * steps == total_batch."""
-    per_step = micro_batch * world_size
-    if total_batch <= 0 or total_batch % per_step != 0:
-        raise UserError(f"total batch of {total_batch} {unit} is not a positive multiple of "
-                        f"micro-batch x world size = {micro_batch} x {world_size} = {per_step} {unit}")
-    return total_batch // per_step
-
-
-# -----------------------------------------------------------------------------
 # tokenizer
 
 @lru_cache(maxsize=1)
@@ -341,14 +291,7 @@ def get_tokenizer():
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: plain-data dicts, atomic writes, weights_only loads
-
-def resolve_ckpt(name: str, ckpt_dir: str | os.PathLike = "checkpoints") -> Path:
-    """A bare file name lives inside ckpt_dir; anything with a path separator is a path."""
-    if os.sep in name or "/" in name:
-        return Path(name)
-    return Path(ckpt_dir) / name
-
+# files: atomic writes, JSONL
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb"):
     """Write through a temp file in the same folder, fsync, then os.replace: a crash at any point
@@ -375,30 +318,49 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         pass
 
 
-def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the unwrapped model, without `_orig_mod.` / `module.` prefixes."""
-    sd = unwrap(model).state_dict()
-    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in sd.items()}
+def write_text(path: str | os.PathLike, text: str):
+    """Atomically write UTF-8 text (atomic_write)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), "wb")
 
 
-def rng_state() -> dict:
-    """Every RNG a stage draws from, as weights_only-loadable plain data."""
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def write_json(path: str | os.PathLike, obj, indent: int = 2):
+    """Atomically write obj as indented JSON with a final newline."""
+    write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def set_rng_state(state: dict):
-    random.setstate(_as_tuple(state["python"]))
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def read_jsonl(path: str | os.PathLike) -> list[dict | None]:
+    """The rows of a JSONL file (jsonl_rows of its UTF-8 text)."""
+    return jsonl_rows(Path(path).read_text(encoding="utf-8"))
 
+
+def json_line(line: str, where: str):
+    """One JSON value of a JSONL line, or one UserError naming `where` (file and line) when the line is not
+    valid JSON or nested too deep to parse."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: not valid JSON (nested too deeply)") from None
+
+
+def jsonl_rows(text: str) -> list[dict | None]:
+    """The rows of JSONL text, blank lines left out; a line that is not a JSON object (a torn last line, a
+    damaged or absurdly nested one) is None, for the caller to count or skip, never an exception."""
+    rows: list[dict | None] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            row = None
+        rows.append(row if isinstance(row, dict) else None)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# flag checks and error text
 
 def check_flags(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
     """One clear error for a flag out of range: `positive` fields must be > 0, `non_negative` ones >= 0."""
@@ -410,149 +372,8 @@ def check_flags(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ..
             raise UserError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")
 
 
-def restore_training_state(ckpt: dict, optimizer, scaler, data) -> None:
-    """Continue exactly where a checkpoint stopped: optimizer moments, GradScaler scale, the data
-    position (`data` has load_state_dict) and every RNG."""
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if "scaler" in ckpt and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
-    data.load_state_dict(ckpt["data_state"])
-    set_rng_state(ckpt["rng"])
-
-
-def prepare_for_training(model: torch.nn.Module, rt, use_compile: bool, dynamic: bool = False,
-                         **ddp_kwargs) -> torch.nn.Module:
-    """The module the training loop calls: compiled when asked, then DDP-wrapped under torchrun.
-    Evaluation and saving keep using the plain module."""
-    if use_compile:
-        model = torch.compile(model, dynamic=dynamic or None)
-    if rt.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **ddp_kwargs)
-    return model
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def save_checkpoint(path: str | os.PathLike, *, stage: str, model: torch.nn.Module, step: int = 0,
-                    config: Any = None, metrics: dict | None = None, optimizer=None, scaler=None,
-                    data_state: dict | None = None, rng: dict | None = None, **extra) -> Path:
-    """Atomically write the checkpoint contract of DESIGN.md: a dict of plain types only."""
-    base = unwrap(model)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "stage": stage,
-        "model_config": dataclasses.asdict(base.config),
-        "model": model_state_dict(base),
-        "step": int(step),
-        "metrics": dict(metrics or {}),
-        "config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config or {}),
-    }
-    if optimizer is not None:
-        ckpt["optimizer"] = optimizer.state_dict()
-    if scaler is not None and scaler.is_enabled():
-        ckpt["scaler"] = scaler.state_dict()
-    if data_state is not None:
-        ckpt["data_state"] = data_state
-    if rng is not None:
-        ckpt["rng"] = rng
-    ckpt.update(extra)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
-    return Path(path)
-
-
-def load_checkpoint(path: str | os.PathLike, stages: str | tuple[str, ...] | None = None,
-                    map_location: Any = "cpu", ckpt_dir: str | os.PathLike = "checkpoints") -> dict:
-    """Load with weights_only=True (a pickle that would run code is refused) and check the stage.
-    Every failure a user can cause is a UserError with one clear line."""
-    path = resolve_ckpt(str(path), ckpt_dir)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e).upper():  # the pickle names a function or class: it could run code
-            raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint "
-                            f"(its pickle references code, which could run on load)") from None
-        raise UserError(f"cannot read checkpoint {path}: corrupt or truncated ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
-        raise UserError(f"cannot read checkpoint {path}: corrupt or truncated ({_first_line(e)})") from None
-    if not isinstance(ckpt, dict) or "stage" not in ckpt or "model" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint of this project (no 'stage'/'model' entries)")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} has checkpoint format {ckpt.get('format')!r}; this code reads {CHECKPOINT_FORMAT}")
-    if stages is not None:
-        stages = (stages,) if isinstance(stages, str) else tuple(stages)
-        if ckpt["stage"] not in stages:
-            raise UserError(f"{path} is a '{ckpt['stage']}' checkpoint; expected {' or '.join(stages)}")
-    return ckpt
-
-
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (cut to `limit` characters), or its type name when it has
+    none: what a one-line user error quotes of a library's exception."""
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
-
-
-# -----------------------------------------------------------------------------
-# logging: one line per step on stdout, JSONL in the run folder, optional wandb
-
-class RunLogger:
-    def __init__(self, run_dir: str | os.PathLike | None, config: Any = None, enabled: bool = True,
-                 wandb_project: str | None = None, run_name: str | None = None):
-        self.enabled = enabled
-        self.path = None
-        self.wandb = None
-        if not enabled:
-            return
-        if run_dir is not None:
-            self.run_dir = Path(run_dir)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.path = self.run_dir / "log.jsonl"
-            if config is not None:
-                cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-                atomic_write(self.run_dir / "config.json", lambda f: f.write(json.dumps(cfg, indent=2)), "w")
-        if wandb_project:
-            import wandb  # WANDB_MODE=offline works without a network
-            cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=cfg,
-                                    dir=str(run_dir) if run_dir else None)
-
-    def log(self, metrics: dict, step: int | None = None, kind: str = "train", echo: bool = True):
-        """Record metrics; echo prints them as one `key value | ...` line."""
-        if not self.enabled:
-            return
-        record = {"kind": kind, **({"step": step} if step is not None else {}),
-                  **{k: _plain(v) for k, v in metrics.items()}, "time": time.time()}
-        if echo:
-            print(format_metrics(record), flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"{kind}/{k}": v for k, v in metrics.items() if isinstance(_plain(v), (int, float))},
-                           step=step)
-
-    def finish(self):
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _plain(v):
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    return v
-
-
-def format_metrics(record: dict) -> str:
-    parts = []
-    for k, v in record.items():
-        if k in ("time",):
-            continue
-        if isinstance(v, float):
-            v = f"{v:.3e}" if (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5)) else f"{v:.4f}"
-        parts.append(f"{k} {v}")
-    return " | ".join(parts)
+    return text[0][:limit] if text else type(e).__name__

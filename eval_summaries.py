@@ -1,6 +1,6 @@
 """Evaluate summarizers: greedy summaries of the first --posts posts of a split by each policy checkpoint
 (SFT, PPO, any language-model checkpoint of this project), generated once with the shared summarizer
-(tldr.generate_summaries, each checkpoint's own prompt template and budgets) and cached, then
+(summaries.Summarizer, each checkpoint's own prompt template and budgets) and cached, then
 
 - ROUGE-1/2/L F1 against the reference summaries (rouge-score, stemmed);
 - win rates against the reference summaries and against the SFT model's summaries, judged by our reward
@@ -39,11 +39,14 @@ from pathlib import Path
 
 import torch
 
+import summaries
 import tldr
-from common import UserError, atomic_write, check_flags, cli_main, compute_init, load_checkpoint, resolve_ckpt
-from model import GPT, build_model
+from checkpoints import LM_STAGES, file_sha256, load_checkpoint, load_reward_model, resolve_ckpt
+from common import UserError, check_flags, cli_main, compute_init, read_jsonl, write_json, write_text
+from judges import Judge
+from summaries import Summarizer
 
-POLICY_STAGES = ("pretrain", "sft", "ppo")
+POLICY_STAGES = LM_STAGES
 Z95 = 1.959963984540054  # two-sided 95% quantile of the standard normal
 
 # The TL;DR comparison question of Rafailov et al. 2023 (DPO, its GPT-4 judge of TL;DR summaries; also
@@ -129,7 +132,7 @@ def paired_difference(before: list[float], after: list[float]) -> tuple[float | 
 
 
 # -----------------------------------------------------------------------------
-# the judge language model: the pairwise question through hellaswag_task's text bridge
+# the judge language model: the pairwise question through judges.py's text bridge
 
 def judge_question(post: tldr.Post, a: str, b: str) -> str:
     text = f"SUBREDDIT: r/{post.subreddit}\nTITLE: {post.title}\nPOST: {post.post}" if post.title else post.post
@@ -168,9 +171,8 @@ def judge_outcomes(judge, posts: list[tldr.Post], xs: list[str], ys: list[str], 
 
 
 def load_judge(cfg: Config, rt):
-    """The --judge causal LM through hellaswag_task's Judge (any tokenizer; a UserError when it cannot be
-    loaded or is not a causal LM)."""
-    from hellaswag_task import Judge
+    """The --judge causal LM through judges.Judge (any tokenizer; a UserError when it cannot be loaded or is
+    not a causal LM)."""
     judge = Judge(cfg.judge, cfg.judge_device or rt.device, cfg.judge_dtype, cfg.judge_batch, cfg.ckpt_dir)
     if judge.kind != "lm":
         raise UserError(f"--judge {cfg.judge} is not a causal language model; the pairwise question reads the "
@@ -186,41 +188,27 @@ def post_id(post: tldr.Post) -> str:
     return hashlib.sha1(json.dumps([post.subreddit, post.title, post.post]).encode()).hexdigest()[:16]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_cache(path: Path) -> dict[tuple[str, str], dict]:
     """(checkpoint hash, post id) → cached row; a torn last line is ignored."""
     rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-                rows[(row["sha256"], row["post_id"])] = row
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
+    for row in read_jsonl(path) if path.is_file() else []:
+        try:
+            rows[(row["sha256"], row["post_id"])] = row
+        except (KeyError, TypeError):
+            continue
     return rows
 
 
 def write_cache(path: Path, rows: dict):
-    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows.values()), "w")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows.values()))
 
 
 @torch.no_grad()
 def summarize_with(ckpt_path: Path, stages, posts: list[tldr.Post], rt, batch_size: int) -> tuple[list[str], list[bool]]:
     """Greedy summaries by a checkpoint's model with the prompt template and budgets it was trained with
     (what summarize.py does), and whether each ended with EOS."""
-    ckpt = load_checkpoint(ckpt_path, stages)
-    model = build_model(ckpt, GPT, dropout=0.0).to(rt.device)
-    info = ckpt.get("tldr") or tldr.template_info()
-    return tldr.generate_summaries_and_ends(model, posts, rt, batch_size, info["max_summary_tokens"],
-                                            max_prompt_tokens=info["max_prompt_tokens"], template=info["template"],
-                                            progress=True)
+    summarizer = Summarizer.load(ckpt_path, rt.device, stages)
+    return summarizer.summarize(posts, rt, batch_size, progress=True)
 
 
 def cached_summaries(name: str, path: Path, posts: list[tldr.Post], cache: dict, rt, batch_size: int,
@@ -261,12 +249,11 @@ def copied_trigram_share(post: str, summary: str) -> float | None:
     return sum(g in source for g in grams) / len(grams)
 
 
-def text_figures(posts: list[tldr.Post], summaries: list[str], references: list[str], scorer) -> dict:
+def text_figures(posts: list[tldr.Post], texts: list[str], references: list[str], scorer) -> dict:
     """ROUGE-1/2/L F1 against the references, words per summary, copied-trigram share."""
-    from sft import rouge
-    copied = [c for c in (copied_trigram_share(p.post, s) for p, s in zip(posts, summaries)) if c is not None]
-    return {**rouge(scorer, summaries, references), "words": _mean([len(s.split()) for s in summaries]),
-            "copied_trigrams": _mean(copied), "empty": sum(not s.strip() for s in summaries)}
+    copied = [c for c in (copied_trigram_share(p.post, s) for p, s in zip(posts, texts)) if c is not None]
+    return {**summaries.rouge(scorer, texts, references), "words": _mean([len(s.split()) for s in texts]),
+            "copied_trigrams": _mean(copied), "empty": sum(not s.strip() for s in texts)}
 
 
 def gold_figures(breakdowns: list[dict]) -> dict:
@@ -328,9 +315,9 @@ def reward_model_vs_gold(score, comparisons: list[tldr.Comparison]) -> dict:
     """Rewards (score: (posts, summaries) → tensor) of both summaries of each pair against their gold
     scores: Pearson and Spearman over all summaries, and the agreement on the order within pairs."""
     posts = [c.post for c in comparisons] * 2
-    summaries = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
-    rewards = score(posts, summaries).double()
-    parts = tldr.gold_breakdowns(posts, summaries)
+    texts = [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
+    rewards = score(posts, texts).double()
+    parts = summaries.gold_breakdowns(posts, texts)
     gold = torch.tensor([b["score"] for b in parts], dtype=torch.float64)
     n = len(comparisons)
     # a wrong fact is only visible against the post, the other faults in the summary alone: the two
@@ -341,7 +328,7 @@ def reward_model_vs_gold(score, comparisons: list[tldr.Comparison]) -> dict:
     return {"rm_gold_pearson": pearson(rewards, gold), "rm_gold_spearman": spearman(rewards, gold),
             "rm_gold_pair_accuracy": agreement(slice(None)), "rm_gold_pair_accuracy_wrong_fact": agreement(wrong_fact),
             "rm_gold_pair_accuracy_other": agreement(~wrong_fact), "rm_gold_wrong_fact_pairs": int(wrong_fact.sum()),
-            "rm_gold_summaries": len(summaries)}
+            "rm_gold_summaries": len(texts)}
 
 
 # -----------------------------------------------------------------------------
@@ -367,8 +354,7 @@ def check_config(cfg: Config) -> tuple[dict[str, Path], Path | None, Path | None
         if path is not None and not path.is_file():
             raise UserError(f"{flag} checkpoint not found: {path} (pass {flag} \"\" to leave it out)")
         found.append(path)
-    from ppo import use_gold
-    if cfg.comparisons and not (use_gold(cfg.gold, cfg.data) and cfg.rm):
+    if cfg.comparisons and not (summaries.use_gold(cfg.gold, cfg.data) and cfg.rm):
         raise UserError("--comparisons measures the reward model against the gold score: it needs --rm and posts of "
                         "the generated world (--gold)")
     return paths, found[0], found[1]
@@ -377,8 +363,7 @@ def check_config(cfg: Config) -> tuple[dict[str, Path], Path | None, Path | None
 def main(cfg: Config) -> dict:
     # --- config and inputs: every user error before a model is loaded
     paths, sft_path, rm_path = check_config(cfg)
-    from ppo import use_gold
-    gold = use_gold(cfg.gold, cfg.data)
+    gold = summaries.use_gold(cfg.gold, cfg.data)
     rt = compute_init(0, cfg.device, cfg.dtype)
     judge = load_judge(cfg, rt) if cfg.judge else None
     rows = tldr.load_sft(cfg.data, cfg.split)[:cfg.posts]
@@ -391,7 +376,7 @@ def main(cfg: Config) -> dict:
 
     # --- summaries, once per (checkpoint, post)
     cache = read_cache(cache_path)
-    models, summaries, generated = {}, {}, {}
+    models, texts_of, generated = {}, {}, {}
     sft_name = None
     todo = dict(paths)
     if sft_path is not None:
@@ -401,29 +386,27 @@ def main(cfg: Config) -> dict:
             todo[sft_name] = sft_path
     for name, path in todo.items():
         texts, ends, sha, generated[name] = cached_summaries(name, path, posts, cache, rt, cfg.batch_size, cache_path)
-        summaries[name] = texts
+        texts_of[name] = texts
         models[name] = {"checkpoint": str(path), "sha256": sha, "stage": load_checkpoint(path, POLICY_STAGES)["stage"],
                         "role": "sft" if name == sft_name else "policy", "eos_rate": _mean(ends)}
     print(f"summaries of {len(posts)} posts: {sum(generated.values())} generated, "
           f"{len(posts) * len(todo) - sum(generated.values())} from {cache_path}", flush=True)
 
     # --- figures of the texts
-    from sft import rouge_scorer
-    scorer = rouge_scorer()
+    scorer = summaries.rouge_scorer()
     reference = {k: v for k, v in text_figures(posts, refs, refs, scorer).items() if not k.startswith("rouge")}
     for name in todo:
-        models[name].update(text_figures(posts, summaries[name], refs, scorer))
-    opponents = lambda name: [("reference", refs)] + ([("sft", summaries[sft_name])] if sft_name and name != sft_name else [])
+        models[name].update(text_figures(posts, texts_of[name], refs, scorer))
+    opponents = lambda name: [("reference", refs)] + ([("sft", texts_of[sft_name])] if sft_name and name != sft_name else [])
     wins = {name: {} for name in todo}
 
     # --- the reward model as a judge
     record_rm = {}
     if rm_path is not None:
-        from reward_model import load_reward_model, score_texts
         rm, rm_ckpt = load_reward_model(str(rm_path))
         rm.to(rt.device)
-        score = lambda ps, ss: score_texts(rm, ps, ss, rm_ckpt.get("tldr"), cfg.batch_size, rt.autocast)
-        rewards = {name: score(posts, summaries[name]).tolist() for name in todo}
+        score = lambda ps, ss: summaries.score_texts(rm, ps, ss, rm_ckpt.get("tldr"), cfg.batch_size, rt.autocast)
+        rewards = {name: score(posts, texts_of[name]).tolist() for name in todo}
         ref_rewards = score(posts, refs).tolist()
         reference["reward"] = _mean(ref_rewards)
         for name in todo:
@@ -437,8 +420,8 @@ def main(cfg: Config) -> dict:
 
     # --- the gold score: its breakdown, the paired differences to SFT, the oracle judge
     if gold:
-        parts = {name: gold_parts(tldr.gold_breakdowns(posts, summaries[name])) for name in todo}
-        ref_parts = gold_parts(tldr.gold_breakdowns(posts, refs))
+        parts = {name: gold_parts(summaries.gold_breakdowns(posts, texts_of[name])) for name in todo}
+        ref_parts = gold_parts(summaries.gold_breakdowns(posts, refs))
         reference.update(_gold_means(ref_parts))
         for name in todo:
             models[name].update(_gold_means(parts[name]))
@@ -451,7 +434,7 @@ def main(cfg: Config) -> dict:
     # --- the judge language model
     if judge is not None:
         for name in todo:
-            wins[name]["judge"] = {o: win_rate(judge_outcomes(judge, posts, summaries[name], ys, cfg.judge_chat))
+            wins[name]["judge"] = {o: win_rate(judge_outcomes(judge, posts, texts_of[name], ys, cfg.judge_chat))
                                    for o, ys in opponents(name)}
     for name in todo:
         models[name]["win_rates"] = wins[name]
@@ -459,10 +442,10 @@ def main(cfg: Config) -> dict:
     # --- the example post
     i = cfg.example
     example = {"index": i, "post_id": post_id(posts[i]), "post": posts[i].post, "title": posts[i].title,
-               "subreddit": posts[i].subreddit, "reference": refs[i], "summaries": {n: summaries[n][i] for n in todo}}
+               "subreddit": posts[i].subreddit, "reference": refs[i], "summaries": {n: texts_of[n][i] for n in todo}}
     if gold:
-        example["gold"] = dict(zip(["reference", *todo], tldr.gold_scores([posts[i]] * (1 + len(todo)),
-                                                                         [refs[i], *(summaries[n][i] for n in todo)])))
+        example["gold"] = dict(zip(["reference", *todo], summaries.gold_scores([posts[i]] * (1 + len(todo)),
+                                                                         [refs[i], *(texts_of[n][i] for n in todo)])))
 
     # --- write
     record = {"data": cfg.data, "split": cfg.split, "posts": len(posts), "sft": sft_name,
@@ -472,8 +455,8 @@ def main(cfg: Config) -> dict:
               "seconds": time.time() - t0}
     record = _plain(record)
     text = format_table(record)
-    atomic_write(out / "eval.json", lambda f: f.write(json.dumps(record, indent=2) + "\n"), "w")
-    atomic_write(out / "eval.md", lambda f: f.write(text), "w")
+    write_json(out / "eval.json", record)
+    write_text(out / "eval.md", text)
     print(text, end="")
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'} ({time.time() - t0:.1f}s)")
     return record

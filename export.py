@@ -27,11 +27,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import tldr
-from common import BUNDLED_TIKTOKEN_CACHE, UserError, atomic_write, cli_main, get_tokenizer, load_checkpoint, resolve_ckpt
-from model import EOS_ID, GPT, build_model
+from checkpoints import LM_STAGES, file_sha256, resolve_ckpt
+from common import BUNDLED_TIKTOKEN_CACHE, UserError, cli_main, first_line, get_tokenizer, write_json, write_text
+from model import EOS_ID
+from summaries import Summarizer
 
-STAGES = ("ppo", "sft", "pretrain")
+STAGES = LM_STAGES
 # the two files tiktoken's `gpt2` encoding is made of, cached under the sha1 of their URL
 GPT2_FILES = {"vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
               "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"}
@@ -123,9 +124,11 @@ def training_lines(ckpt: dict) -> list[str]:
     return lines
 
 
-def model_card(name: str, ckpt: dict, info: dict, entry: dict | None, record: dict | None) -> str:
+def model_card(name: str, summarizer: Summarizer, entry: dict | None, record: dict | None) -> str:
+    ckpt, info = summarizer.checkpoint, summarizer.info
     cfg = ckpt["model_config"]
-    params = sum(v.numel() for k, v in ckpt["model"].items() if k.startswith("transformer.") and not k.endswith(".attn.bias"))
+    params = sum(v.numel() for k, v in summarizer.model.state_dict().items()
+                 if k.startswith("transformer.") and not k.endswith(".attn.bias"))
     prompt = info["template"].format(subreddit="{subreddit}", title="{title}", post="{post}")
     data = (ckpt.get("config") or {}).get("data", "")
     datasets = [d for d in (data,) if d.count("/") == 1 and not Path(d).exists()]
@@ -189,8 +192,7 @@ def push(out: Path, repo: str, private: bool):
         info = api.upload_folder(folder_path=str(out), repo_id=repo, repo_type="model",
                                  commit_message="Upload the summarizer exported by export.py")
     except Exception as e:  # huggingface_hub raises many types (offline mode, HTTP, auth, validation)
-        text = str(e).strip().splitlines()
-        raise UserError(f"cannot push to the Hub repo {repo} ({text[0][:200] if text else type(e).__name__}); "
+        raise UserError(f"cannot push to the Hub repo {repo} ({first_line(e)}); "
                         f"{out} is written") from None
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
 
@@ -205,23 +207,21 @@ def main(cfg: Config) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
-    ckpt = load_checkpoint(path, STAGES)
-    from eval_summaries import file_sha256
+    summarizer = Summarizer.load(path, "cpu", STAGES)
     entry, record = eval_figures(cfg.eval, file_sha256(path)) if cfg.eval else (None, None)
-    info = ckpt.get("tldr") or tldr.template_info()
+    info, model = summarizer.info, summarizer.model
     name = cfg.name or cfg.push_to_hub or out.name
 
     # --- weights, tokenizer, generation config, prompt, card
-    model = build_model(ckpt, GPT, dropout=0.0)
     out.mkdir(parents=True, exist_ok=True)
     model.export_hf(str(out))
     save_tokenizer(out, model.config.block_size)
     from transformers import GenerationConfig
     GenerationConfig(do_sample=False, max_new_tokens=info["max_summary_tokens"], eos_token_id=EOS_ID,
                      pad_token_id=EOS_ID, bos_token_id=EOS_ID).save_pretrained(str(out))
-    atomic_write(out / "tldr.json", lambda f: f.write(json.dumps(info, indent=2) + "\n"), "w")
-    card = model_card(name, ckpt, info, entry, record)
-    atomic_write(out / "README.md", lambda f: f.write(card), "w")
+    write_json(out / "tldr.json", info)
+    card = model_card(name, summarizer, entry, record)
+    write_text(out / "README.md", card)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", flush=True)
 
     # --- the Hub

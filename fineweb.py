@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_write, cli_main, get_tokenizer
+from common import UserError, atomic_write, cli_main, get_tokenizer, json_line, write_json
 from model import EOS_ID
 
 PROGRESS = "progress.json"
@@ -92,10 +92,7 @@ def _read_jsonl(path: Path, text_field: str, skip: int) -> Iterator[str]:
             n += 1
             if n <= skip:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            row = json_line(line, f"{path}:{lineno}")
             text = row.get(text_field) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: no string '{text_field}' field")
@@ -195,7 +192,7 @@ def read_progress(out_dir: Path) -> dict | None:
 
 
 def write_progress(out_dir: Path, progress: dict):
-    atomic_write(out_dir / PROGRESS, lambda f: f.write(json.dumps(progress, indent=1) + "\n"), "w")
+    write_json(out_dir / PROGRESS, progress, indent=1)
 
 
 def remove_stale_temp_files(out_dir: Path):

@@ -24,7 +24,6 @@ printed and written as JSON next to the checkpoint (`checkpoints/pretrain_hellas
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import time
@@ -36,9 +35,10 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from common import (UserError, all_reduce_sum, atomic_write, cli_main, compute_init, get_tokenizer,
-                    load_checkpoint, print0, resolve_ckpt, unwrap)
-from model import GPT, PAD_ID, build_model
+from checkpoints import LM_STAGES, load_lm, resolve_ckpt
+from common import (UserError, all_reduce_sum, atomic_write, cli_main, compute_init, get_tokenizer, json_line, print0,
+                    unwrap, write_json)
+from model import GPT, PAD_ID
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 SPLITS = ("train", "val", "test")  # test has no labels: it can be downloaded but not scored
@@ -122,11 +122,8 @@ def load_rows(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
                 break
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-            rows.append(validate_row(row, f"{path}, line {lineno}"))
+            where = f"{path}, line {lineno}"
+            rows.append(validate_row(json_line(line, where), where))
     if not rows:
         raise UserError(f"{path} holds no HellaSwag rows")
     return rows
@@ -345,19 +342,12 @@ def format_table(results: dict) -> str:
 def load_model(cfg: Config) -> tuple[GPT, str, Path, dict]:
     """(model, description, default JSON path, checkpoint metadata) from --ckpt or --hf."""
     if cfg.hf:
-        try:
-            model = GPT.from_pretrained(cfg.hf)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load Hugging Face model {cfg.hf!r}: {str(e).strip().splitlines()[0]}") from None
+        model, _ = load_lm(cfg.hf, cfg.ckpt_dir, flag="--hf")
         local = Path(cfg.hf)
         stem = local.name if local.is_dir() else cfg.hf.replace("/", "_")
         parent = local.parent if local.is_dir() else Path(cfg.ckpt_dir)
         return model, f"hf:{cfg.hf}", parent / f"{stem}_hellaswag_{cfg.split}.json", {}
-    ckpt = load_checkpoint(cfg.ckpt, ckpt_dir=cfg.ckpt_dir)
-    if "score_head.weight" in ckpt["model"]:
-        raise UserError(f"{cfg.ckpt} is a '{ckpt['stage']}' checkpoint with a score head; "
-                        f"HellaSwag needs a language model (pretrain, sft or ppo policy)")
-    model = build_model(ckpt, cls=GPT)
+    model, ckpt = load_lm(cfg.ckpt, cfg.ckpt_dir, LM_STAGES, hub=False)
     path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
     meta = {"stage": ckpt["stage"], "step": ckpt.get("step")}
     return model, str(path), path.with_name(f"{path.stem}_hellaswag_{cfg.split}.json"), meta
@@ -416,7 +406,7 @@ def main(cfg: Config):
         record = {"model": name, **meta, "split": cfg.split, "data": str(path), "rows": len(rows),
                   "world_size": rt.world_size, "dtype": str(rt.dtype).removeprefix("torch."),
                   "seconds": dt, "examples_per_s": len(rows) * styles / dt, "results": results}
-        atomic_write(out, lambda f: f.write(json.dumps(record, indent=2) + "\n"), "w")
+        write_json(out, record)
         print0(f"wrote {out}")
     return results
 

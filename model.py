@@ -618,6 +618,31 @@ class BatchDecoder:
 
 
 # -----------------------------------------------------------------------------
+# padding: left for generation (the last real token of every row at the same position), right for training
+
+def left_pad(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) tokens and 0/1 mask, padding on the left: the layout generation needs."""
+    return _pad(seqs, pad_id, left=True)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) tokens and 0/1 mask, padding on the right: the layout training uses."""
+    return _pad(seqs, pad_id, left=False)
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(T - len(s), T) if left else slice(0, len(s))
+            idx[i, cols] = torch.tensor(s)
+            mask[i, cols] = 1
+    return idx, mask
+
+
+# -----------------------------------------------------------------------------
 # scalar head: reward model and value model
 
 class ScoreModel(GPT):

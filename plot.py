@@ -13,12 +13,12 @@ resumed run logged a step twice, the later record wins.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import UserError, cli_main
+from training import read_log
 
 
 @dataclass
@@ -33,24 +33,7 @@ HELLASWAG_KEYS = {"hellaswag_acc_norm": "completion acc_norm", "hellaswag_harnes
 
 
 # -----------------------------------------------------------------------------
-# reading logs (report.py reads them through these too)
-
-def read_log(path: str | Path) -> list[dict]:
-    """A log.jsonl as records ordered by step; when a resumed run logged a step again, its last record of
-    that kind wins. A missing file is an empty log; a torn line (a run killed mid-write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records: dict[tuple, dict] = {}
-    for i, line in enumerate(path.read_text().splitlines()):
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(r, dict):
-            records[(r.get("kind"), r["step"]) if "step" in r else ("line", i)] = r
-    return sorted(records.values(), key=lambda r: (r.get("step", -1), r.get("time", 0)))
-
+# reading logs (training.read_log; report.py reads them through these too)
 
 def number(v) -> float | None:
     """v as a float when it is a finite number, else None."""
@@ -138,30 +121,42 @@ def plot_hellaswag(logs: dict[str, list[dict]], path: Path) -> Path | None:
 
 
 def plot_ppo(logs: dict[str, list[dict]], path: Path) -> Path | None:
-    """Reward (rollouts and greedy evaluation) and KL to the reference over PPO steps, plus the gold
-    score of evaluations when the log has it."""
+    """Reward (rollouts' RM score, their missing-EOS penalty as its own curve, greedy evaluation) and KL to
+    the reference over PPO steps, plus the gold score of evaluations when the log has it."""
     runs = {name: r for name, r in logs.items() if series(r, "rm_score", "train") or series(r, "kl", "train")}
     if not runs:
         return None
     has_gold = any(series(r, "eval_gold") for r in runs.values())
     plt, fig, axes = _figure(3 if has_gold else 2)
     prefix = (lambda name: f"{name}: ") if len(runs) > 1 else (lambda name: "")
+    # one color per curve for one run (several runs take the color cycle, a curve keeps its line style)
+    color = (lambda c: None) if len(runs) > 1 else (lambda c: c)
     for name, r in runs.items():
         p = prefix(name)
-        for key, label, style in (("rm_score", "rollout RM score", "-"), ("score", "rollout score (EOS penalty)", ":"),
-                                  ("eval_rm_score", "greedy eval RM score", "o-")):
+        # The score PPO optimises is the RM score with -1 for a response without EOS: where every response
+        # ends, the two curves coincide. So the penalty is drawn as its own curve (score - RM score, <= 0).
+        rm, score = series(r, "rm_score", "train"), series(r, "score", "train")
+        if rm:
+            axes[0].plot(*zip(*rm), "-", lw=1.5, color=color("C0"), label=p + "rollout RM score")
+            rm_at = dict(rm)
+            penalty = [(step, v - rm_at[step]) for step, v in score if step in rm_at]
+            if penalty:
+                axes[0].plot(*zip(*penalty), "--", lw=1.5, color=color("C3"),
+                             label=p + "EOS penalty (score - RM score)")
+        elif score:
+            axes[0].plot(*zip(*score), "-", lw=1.5, color=color("C0"), label=p + "rollout score")
+        s = series(r, "eval_rm_score")
+        if s:
+            axes[0].plot(*zip(*s), "o-", ms=4, lw=1, color=color("C2"), label=p + "greedy eval RM score")
+        for key, label, style, c in (("kl", "rollout KL", "-", "C0"), ("eval_kl", "greedy eval KL", "o-", "C2")):
             s = series(r, key, "eval" if key.startswith("eval_") else "train")
             if s:
-                axes[0].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
-        for key, label, style in (("kl", "rollout KL", "-"), ("eval_kl", "greedy eval KL", "o-")):
-            s = series(r, key, "eval" if key.startswith("eval_") else "train")
-            if s:
-                axes[1].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
+                axes[1].plot(*zip(*s), style, ms=4, lw=1, color=color(c), label=p + label)
         if has_gold:
-            for key, label, style in (("eval_gold", "policy", "o-"), ("sft_gold", "SFT", "--")):
+            for key, label, style, c in (("eval_gold", "policy", "o-", "C2"), ("sft_gold", "SFT", "--", "C7")):
                 s = series(r, key)
                 if s:
-                    axes[2].plot(*zip(*s), style, ms=4, lw=1, label=p + label)
+                    axes[2].plot(*zip(*s), style, ms=4, lw=1, color=color(c), label=p + label)
     titles = ("reward", "KL to the SFT reference (nats per response)", "gold score (greedy eval)")
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=10)

@@ -26,31 +26,31 @@ how it is scored (`--reward`) and what evaluation adds; `TASKS` and each task's 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import hellaswag_task
+import summaries
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
-                    load_checkpoint, model_state_dict, prepare_for_training, print0, resolve_ckpt,
-                    restore_training_state, rng_state, same_weights, save_checkpoint)
-from model import EOS_ID, GPT, PAD_ID, ScoreModel, build_model, last_real_index, sampling_logprobs
-from reward_model import load_reward_model
+from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, model_state_dict,
+                         prompt_info, resolve_ckpt, rng_state, same_weights, save_checkpoint)
+from common import UserError, all_reduce_sum, check_flags, cli_main, get_tokenizer, print0
+from model import EOS_ID, GPT, PAD_ID, ScoreModel, last_real_index, left_pad, sampling_logprobs
+from training import (RunFlags, init_runtime, micro_steps, prepare_for_training, restore_training_state, start_run,
+                      use_compile)
 
 STAGE = "ppo"
 POLICY_STAGES = ("sft",)
 
 
 @dataclass
-class Config:
+class Config(RunFlags):
     preset: str = "gpt2"                  # tiny (tests) | small (CPU demo) | gpt2 (124M on the real TL;DR, the defaults)
     task: str = "tldr"                    # what the policy learns: tldr (summarize Reddit posts) | hellaswag (hellaswag_task.py)
     reward: str = "rm"                    # reward source: rm (tldr: our reward model, scoring the policy's own tokens) | label, judge (hellaswag)
@@ -90,14 +90,8 @@ class Config:
     sample_rows: int = 3                  # rollouts shown in each sample table
     save_every: int = 50                  # steps between checkpoints, plus one at the end (0: at the end only)
     ckpt: str = "ppo_latest.pt"           # checkpoint written (and read by --resume); a bare name lives in --ckpt-dir
-    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
     resume: bool = False                  # continue exactly from --ckpt (optimizer, scaler, KL coefficient, data position, RNG)
-    stop_at: int = 0                      # end this run after this step with a checkpoint, keeping the --max-steps schedule (0: run to the end)
-    run_name: str = "ppo"                 # run folder runs/<run-name>/ for config.json and log.jsonl
-    wandb: bool = False                   # also log to Weights & Biases
-    wandb_project: str = "gpt2-rlhf"      # W&B project
-    device: str = "auto"                  # auto | cuda | cpu | mps
-    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
+    run_name: str = "ppo"
     compile: bool | None = None           # torch.compile the policy+value forward (default: on for CUDA, off elsewhere)
     seed: int = 1337                      # seeds the prompt order, the rollouts and the minibatch shuffles
     init: str = "gpt2"                    # hellaswag: starting policy and frozen reference: GPT-2 weights (hub name or HF directory) or a pretrain/sft checkpoint
@@ -331,7 +325,7 @@ class TldrTask:
         if self.reward.info and self.reward.info.get("template") != info["template"]:
             raise UserError(f"the reward model {cfg.rm} was trained with another prompt template than the SFT "
                             f"checkpoint {cfg.sft}; train it from that SFT checkpoint")
-        self.gold = use_gold(cfg.gold, cfg.data)
+        self.gold = summaries.use_gold(cfg.gold, cfg.data)
 
     def __len__(self) -> int:
         return len(self.train_posts)
@@ -362,7 +356,7 @@ class TldrTask:
 
     def quality(self, posts: list[tldr.Post], texts: list[str]) -> dict[str, list[float]]:
         """Per-item quality measures beyond the reward: the gold score on generated data."""
-        return {"gold": tldr.gold_scores(posts, texts)} if self.gold else {}
+        return {"gold": summaries.gold_scores(posts, texts)} if self.gold else {}
 
     def show(self, query: list[int], response_text: str, width: int = 160) -> str:
         text = get_tokenizer().decode(query)
@@ -379,20 +373,9 @@ class TldrTask:
 TASKS = {"tldr": TldrTask, "hellaswag": hellaswag_task.HellaswagTask}
 
 
-def use_gold(mode: str, data: str) -> bool:
-    """Whether to report the gold score: `auto` when the posts come from synthetic.py (its manifest.json
-    beside or above the split files: the gold score means nothing on real posts), `on`, `off`."""
-    if mode not in ("auto", "on", "off"):
-        raise UserError(f"--gold must be auto, on or off, not {mode!r}")
-    if mode != "auto":
-        return mode == "on"
-    path = Path(data)
-    return path.exists() and any((d / "manifest.json").is_file() for d in (path, path.parent))
-
-
 def response_texts(response: torch.Tensor, mask: torch.Tensor) -> list[str]:
     """Decoded responses up to their EOS."""
-    return [tldr.decode_summary(row[m.bool()].tolist()) for row, m in zip(response.cpu(), mask.cpu())]
+    return [summaries.decode_summary(row[m.bool()].tolist()) for row, m in zip(response.cpu(), mask.cpu())]
 
 
 def pad_cat(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -447,7 +430,7 @@ def rollout(task, prompts: list[list[int]], policy: GPT, pv: nn.Module, ref: GPT
     """Sample responses with `policy`, then one forward per model over prompt + response with logits at
     response positions only: policy log-probs and values (one pass through `pv`, the PolicyAndValue forward
     the update uses, so that the first ratio is exactly 1), reference log-probs, scores."""
-    query, query_mask = (t.to(rt.device) for t in tldr.left_pad(prompts, PAD_ID))
+    query, query_mask = (t.to(rt.device) for t in left_pad(prompts, PAD_ID))
     B, T0 = query.shape
     t0 = time.time()
     responses, masks = [], []
@@ -503,7 +486,7 @@ def greedy_responses(task, model: GPT, ref: GPT, posts: list, cfg: Config, rt) -
     the task's quality measures; lists, one item per post."""
     out = {"scores": [], "raw_scores": [], "kl": [], "texts": [], "ended": [], "length": []}
     for c in chunks(len(posts), cfg.gen_batch or max(1, len(posts))):
-        query, query_mask = (t.to(rt.device) for t in tldr.left_pad([task.prompt(p) for p in posts[c]], PAD_ID))
+        query, query_mask = (t.to(rt.device) for t in left_pad([task.prompt(p) for p in posts[c]], PAD_ID))
         T0 = query.size(1)
         with rt.autocast():
             response, response_mask = task.respond(model, query, query_mask, 0.0)
@@ -573,21 +556,18 @@ def ppo_update(model: nn.Module, optimizer, scaler, ro: Rollout, advantages: tor
             optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(len(names) - 1, device=rt.device)
             micro = chunks(len(rows), cfg.micro_batch * G)
-            for i, c in enumerate(micro):
-                r = rows[c]
-                # gradients are all-reduced only on the last micro-step; the choice is made before the forward
-                sync = not rt.ddp or i == len(micro) - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    real = ro.mask[r].bool()
-                    with rt.autocast():
-                        logits, values = model(*ro.forward_args(r))
-                    logp = unflatten(token_logprobs(logits, ro.actions[r][real], cfg.temperature)[0], real)
-                    del logits
-                    pg, pg_stats = policy_loss(logp, ro.logprobs[r], advantages[r], ro.mask[r], cfg.cliprange, denom)
-                    vf, vf_stats = value_loss(values.float(), ro.values[r], returns[r], ro.mask[r],
-                                              cfg.cliprange_value, denom)
-                    loss = pg + cfg.vf_coef * vf
-                    scaler.scale(loss).backward()
+            for i in micro_steps(model, rt, len(micro)):
+                r = rows[micro[i]]
+                real = ro.mask[r].bool()
+                with rt.autocast():
+                    logits, values = model(*ro.forward_args(r))
+                logp = unflatten(token_logprobs(logits, ro.actions[r][real], cfg.temperature)[0], real)
+                del logits
+                pg, pg_stats = policy_loss(logp, ro.logprobs[r], advantages[r], ro.mask[r], cfg.cliprange, denom)
+                vf, vf_stats = value_loss(values.float(), ro.values[r], returns[r], ro.mask[r],
+                                          cfg.cliprange_value, denom)
+                loss = pg + cfg.vf_coef * vf
+                scaler.scale(loss).backward()
                 sums += torch.stack([pg.detach(), vf.detach(), pg_stats["clipfrac"], vf_stats["vf_clipfrac"],
                                      pg_stats["approx_kl"], pg_stats["ratio"]])
             sums = all_reduce_sum(sums) / rt.world_size
@@ -645,10 +625,11 @@ def check_config(cfg: Config, world_size: int):
 def load_policy(cfg: Config, resume: dict | None) -> tuple[GPT, GPT, dict]:
     """(policy, frozen reference, prompt info): the reference is always the SFT model; the policy is the
     SFT model or, on --resume, the checkpoint's."""
-    sft = load_checkpoint(cfg.sft, POLICY_STAGES, "cpu", cfg.ckpt_dir)
-    info = dict(sft.get("tldr") or tldr.template_info())
-    ref = frozen(build_model(sft, GPT, dropout=0.0))
-    policy = build_model(resume if resume is not None else sft, GPT, dropout=0.0)
+    ref, sft = load_lm(cfg.sft, cfg.ckpt_dir, POLICY_STAGES, dropout=0.0, flag="--sft", hub=False)
+    info = prompt_info(sft)
+    ref = frozen(ref)
+    policy = build_from_checkpoint(resume if resume is not None else sft, GPT, dropout=0.0,
+                                   where=cfg.ckpt if resume is not None else cfg.sft)
     if resume is not None and resume.get("tldr", {}).get("template") != info["template"]:
         raise UserError(f"{cfg.ckpt} was trained with another prompt template than {cfg.sft}")
     if cfg.max_prompt_tokens:
@@ -667,10 +648,9 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def main(cfg: Config) -> dict:
     # --- config
-    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    rt = init_runtime(cfg)
     check_config(cfg, rt.world_size)
     ckpt_path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
-    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
 
     # --- models: 1. policy and frozen reference from SFT, reward source, value model from the reward model
     resume = load_checkpoint(ckpt_path, STAGE, "cpu") if cfg.resume else None
@@ -678,8 +658,8 @@ def main(cfg: Config) -> dict:
     ref.to(rt.device)
     task = TASKS[cfg.task](cfg, info, rt)
     if resume is not None:
-        value = build_model({"model_config": resume["value_config"], "model": resume["value_model"]}, ScoreModel,
-                            dropout=0.0)
+        value = build_from_checkpoint({"model_config": resume["value_config"], "model": resume["value_model"]},
+                                      ScoreModel, dropout=0.0, where=f"{ckpt_path} (value model)")
     else:
         value = task.reward.value_model()
     if value.config.block_size < info["max_prompt_tokens"] + cfg.response_length:
@@ -702,20 +682,16 @@ def main(cfg: Config) -> dict:
         restore_training_state(resume, optimizer, scaler, loader)
         kl_ctl.value = float(resume["kl_coef"])
         start_step, metrics = resume["step"], dict(resume["metrics"])
-    fwd = torch.compile(pv, dynamic=True) if use_compile else pv   # rollout and update share one forward
+    fwd = torch.compile(pv, dynamic=True) if use_compile(cfg, rt) else pv   # rollout and update share one forward
     model = prepare_for_training(fwd, rt, use_compile=False, broadcast_buffers=False)
-    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
-    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
-                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
-    print0(f"ppo: task {cfg.task}, reward {cfg.reward}, policy {policy.num_params() / 1e6:.2f}M params, "
-           f"{rt.world_size} process(es) on {rt.device_type}, {str(rt.dtype).removeprefix('torch.')}, "
-           f"{cfg.rollout_batch} rollouts/step{f' x {cfg.samples_per_prompt} samples' if cfg.samples_per_prompt > 1 else ''} x {cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches, "
-           f"{len(task):,} prompts, steps {start_step}->{end} of {cfg.max_steps}, compile {'on' if use_compile else 'off'}")
-    if start_step:
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-    if start_step >= end:
-        print0(f"nothing to do: the checkpoint is at step {start_step}")
+    samples = f" x {cfg.samples_per_prompt} samples" if cfg.samples_per_prompt > 1 else ""
+    run = start_run(cfg, rt, "ppo", start_step, cfg.max_steps,
+                    f"task {cfg.task}, reward {cfg.reward}, policy {policy.num_params() / 1e6:.2f}M params",
+                    f"{cfg.rollout_batch} rollouts/step{samples} x {cfg.ppo_epochs} epochs x {cfg.num_minibatches} "
+                    f"minibatches, {len(task):,} prompts", ckpt_path)
+    if run.nothing_to_do:
         return metrics
+    logger = run.logger
 
     baseline: dict = {}
 
@@ -739,12 +715,12 @@ def main(cfg: Config) -> dict:
                             optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state(),
                             value_model=model_state_dict(value), value_config=asdict(value.config),
                             kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
-            print0(f"saved {ckpt_path} (step {step})")
+            run.saved(ckpt_path, step)
 
     # --- loop
     if start_step == 0:
         run_eval(0)
-    for step in range(start_step, end):
+    for step in range(start_step, run.end):
         t_step = time.time()
         # 2. rollouts: this rank's share of the prompts, sampled at the rollout temperature
         gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.seed, step, rt.rank))
@@ -790,7 +766,7 @@ def main(cfg: Config) -> dict:
                   "resp_len": tokens / n_all, "eos_rate": ended / n_all, "lr": lr,
                   "gen_tok_per_s": gen_tokens / max(timing["t_gen"], 1e-9), "t_gen": timing["t_gen"],
                   "t_score": timing["t_score"], "t_update": t_update, "dt": time.time() - t_step}
-        logger.log(record, step)
+        run.log_step(record, step)
         kl_ctl.update(kl_mean, int(n_all))  # rollouts this step over all ranks (samples, not prompts)
         metrics.update(score=score_mean, kl=kl_mean, step=step + 1)
 
@@ -803,12 +779,11 @@ def main(cfg: Config) -> dict:
             logger.log({"samples": table}, step, kind="sample", echo=False)
 
         done = step + 1
-        if done == end or (cfg.eval_every and done % cfg.eval_every == 0):
+        if run.is_last(done) or run.is_due(done, cfg.eval_every):
             run_eval(done)
-        if done == end or (cfg.save_every and done % cfg.save_every == 0):
+        if run.is_last(done) or run.is_due(done, cfg.save_every):
             save(done)
-    logger.finish()
-    return metrics
+    return run.finish(metrics)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ Writes `checkpoints/pretrain.pt` (stage "pretrain") every --save-every steps and
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +32,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, get_tokenizer,
-                    grad_accum_steps, load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
-                    restore_training_state, rng_state, save_checkpoint)
-from model import EOS_ID, GPT, MODEL_PRESETS, build_model, model_config
+import hellaswag
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
+from common import UserError, all_reduce_sum, check_flags, cli_main, first_line, get_tokenizer, mfu, print0
+from model import EOS_ID, GPT, MODEL_PRESETS, model_config
+from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
+                      restore_training_state, start_run, step_seconds, update_step, use_compile)
 
 STAGE = "pretrain"
 
 
 @dataclass
-class Config:
+class Config(RunFlags):
     preset: str = "gpt2"                  # tiny (tests) | small (CPU demo) | gpt2 (the full recipe, the defaults)
     model: str = "gpt2"                   # model size from model.MODEL_PRESETS: tiny, small, gpt2, gpt2-medium, ...
     init_from: str = ""                   # start from OpenAI weights: a GPT-2 hub name (gpt2, ...) or local HF directory ("" = random init)
@@ -59,7 +59,6 @@ class Config:
     weight_decay: float = 0.1             # AdamW weight decay on matmul and embedding weights
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.95                   # AdamW beta2
-    grad_clip: float = 1.0                # clip the global gradient norm to this (0: no clipping)
     eval_every: int = 250                 # steps between evaluations: val loss, HellaSwag, samples (0: at the end only)
     val_tokens: int = 10_485_760          # validation tokens per evaluation, the same for any number of ranks
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag rows evaluated when the file exists
@@ -69,15 +68,8 @@ class Config:
     sample_prompt: str = "Hello, I'm a language model,"  # prompt of the samples
     save_every: int = 1000                # steps between checkpoints, plus one at the end (0: at the end only)
     ckpt: str = "pretrain.pt"             # checkpoint written (and read by --resume); a bare name lives in --ckpt-dir
-    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
     resume: bool = False                  # continue exactly from --ckpt (optimizer, scaler, data position, RNG)
-    stop_at: int = 0                      # end this run after this step with a checkpoint, keeping the --max-steps schedule (0: run to the end)
-    run_name: str = "pretrain"            # run folder runs/<run-name>/ for config.json and log.jsonl
-    wandb: bool = False                   # also log to Weights & Biases
-    wandb_project: str = "gpt2-rlhf"      # W&B project
-    device: str = "auto"                  # auto | cuda | cpu | mps
-    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool | None = None           # torch.compile the training forward (default: on for CUDA, off elsewhere)
+    run_name: str = "pretrain"
     seed: int = 1337                      # seeds init, the shard order and the samples
 
 
@@ -106,7 +98,7 @@ def open_shard(path: Path) -> np.ndarray:
     try:
         tokens = np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"cannot read shard {path} ({str(e).splitlines()[0][:120]}); convert it again with fineweb.py") from None
+        raise UserError(f"cannot read shard {path} ({first_line(e, 120)}); convert it again with fineweb.py") from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(f"{path} is not a uint16 token shard (dtype {tokens.dtype}, shape {tokens.shape})")
     return tokens
@@ -205,21 +197,15 @@ def val_loss(model, shards: list[np.ndarray], seqs: list[tuple[int, int]], seq_l
 # evaluation hooks: HellaSwag (hellaswag.py) and samples
 
 def load_hellaswag(path: str, limit: int = 0) -> list[dict] | None:
-    """Validated HellaSwag rows, or None (one line printed) when the file or hellaswag.py is absent."""
+    """Validated HellaSwag rows, or None (one line printed) when the file is absent."""
     if not path or not Path(path).is_file():
         print0(f"hellaswag: {path or '(no path)'} not found, skipped (python hellaswag.py downloads it)")
-        return None
-    try:
-        import hellaswag  # another stage's module: imported only when there is something to evaluate
-    except ImportError:
-        print0("hellaswag: hellaswag.py not found, skipped")
         return None
     rows = hellaswag.load_rows(path)
     return rows[:limit] if limit else rows
 
 
 def hellaswag_metrics(model, rows: list[dict], rt) -> dict:
-    import hellaswag
     result = hellaswag.evaluate(model, rows, rt, style="both")
     return {"hellaswag_acc_norm": result["completion"]["acc_norm"],
             "hellaswag_harness_acc_norm": result["harness"]["acc_norm"]}
@@ -250,15 +236,41 @@ def check_config(cfg: Config):
         raise UserError("give --resume or --init-from, not both")
 
 
+def load_model(cfg: Config, ckpt_path) -> tuple[GPT, dict | None]:
+    """(model, checkpoint or None): the --resume checkpoint's, GPT-2 weights (--init-from), or a fresh
+    model of the --model size."""
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, STAGE)
+        if not {"optimizer", "data_state", "rng"} <= set(ckpt):
+            raise UserError(f"{ckpt_path} holds no training state (optimizer, data position, RNG), so it cannot be resumed")
+        return build_from_checkpoint(ckpt, GPT, where=ckpt_path), ckpt
+    if cfg.init_from:
+        return load_lm(cfg.init_from, cfg.ckpt_dir, flag="--init-from")[0], None
+    return GPT(model_config(cfg.model, block_size=cfg.block_size)), None
+
+
+def train_step(model, loader: ShardLoader, scaler, rt, accum: int) -> float:
+    """Forward and backward of one optimizer step's micro-batches; the mean loss over every rank."""
+    loss_sum = torch.zeros((), device=rt.device)
+    for _ in micro_steps(model, rt, accum):
+        x, y = loader.next_batch()
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss = loss / accum
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    return all_reduce_sum(loss_sum).item() / rt.world_size
+
+
 def main(cfg: Config) -> dict:
     # --- config
     check_config(cfg)
 
     # --- setup
-    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    rt = init_runtime(cfg)
     accum = grad_accum_steps(cfg.total_batch_tokens, cfg.micro_batch * cfg.seq_len, rt.world_size)
     ckpt_path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
-    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
 
     # --- data
     train_paths, val_paths = shard_paths(cfg.data_dir, "train"), shard_paths(cfg.data_dir, "val")
@@ -274,18 +286,7 @@ def main(cfg: Config) -> dict:
     hellaswag_rows = load_hellaswag(cfg.hellaswag_path, cfg.hellaswag_limit)
 
     # --- model
-    ckpt = load_checkpoint(ckpt_path, STAGE) if cfg.resume else None
-    if ckpt is not None and not {"optimizer", "data_state", "rng"} <= set(ckpt):
-        raise UserError(f"{ckpt_path} holds no training state (optimizer, data position, RNG), so it cannot be resumed")
-    if ckpt is not None:
-        model = build_model(ckpt, GPT)
-    elif cfg.init_from:
-        try:
-            model = GPT.from_pretrained(cfg.init_from)
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"cannot load GPT-2 weights {cfg.init_from!r}: {str(e).splitlines()[0][:200]}") from None
-    else:
-        model = GPT(model_config(cfg.model, block_size=cfg.block_size))
+    model, ckpt = load_model(cfg, ckpt_path)
     if cfg.seq_len > model.config.block_size:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model.config.block_size}")
     model.to(rt.device)
@@ -296,23 +297,16 @@ def main(cfg: Config) -> dict:
     if ckpt is not None:
         restore_training_state(ckpt, optimizer, scaler, loader)
         start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
-    model = prepare_for_training(model, rt, use_compile)
+    model = prepare_for_training(model, rt, use_compile(cfg, rt))
 
     # --- schedule
-    end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at else cfg.max_steps
     flops_per_token = raw.flops_per_token(cfg.seq_len)
     peak = rt.peak_tflops()
-    print0(f"pretrain: {raw.num_params() / 1e6:.2f}M params, {rt.world_size} process(es) on {rt.device_type}, "
-           f"{str(rt.dtype).removeprefix('torch.')}, {cfg.total_batch_tokens:,} tokens/step = {cfg.micro_batch} x "
-           f"{cfg.seq_len} x {rt.world_size} rank(s) x {accum} accumulation step(s), steps {start_step}->{end} "
-           f"of {cfg.max_steps}, {len(train_paths)} train shard(s), compile {'on' if use_compile else 'off'}")
-    if start_step:
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-    if start_step >= end:
-        print0(f"nothing to do: the checkpoint is at step {start_step}")
+    run = start_run(cfg, rt, "pretrain", start_step, cfg.max_steps, f"{raw.num_params() / 1e6:.2f}M params",
+                    f"{cfg.total_batch_tokens:,} tokens/step = {cfg.micro_batch} x {cfg.seq_len} x {rt.world_size} "
+                    f"rank(s) x {accum} accumulation step(s), {len(train_paths)} train shard(s)", ckpt_path)
+    if run.nothing_to_do:
         return metrics
-    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
-                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
 
     def run_evals(step: int):
         record = {}
@@ -321,58 +315,37 @@ def main(cfg: Config) -> dict:
         if hellaswag_rows:
             record.update(hellaswag_metrics(raw, hellaswag_rows, rt))
         if record:
-            logger.log(record, step, kind="eval")
+            run.logger.log(record, step, kind="eval")
             metrics.update(record)
         if rt.master and cfg.num_samples and cfg.sample_tokens:
             texts = sample(raw, cfg.sample_prompt, cfg.num_samples, cfg.sample_tokens, rt, cfg.seed + step)
             for i, text in enumerate(texts):
                 print0(f"sample {i}: {text!r}")
-            logger.log({"samples": texts}, step, kind="sample", echo=False)
+            run.logger.log({"samples": texts}, step, kind="sample", echo=False)
 
     # --- loop
     if start_step == 0:
         run_evals(0)
-    for step in range(start_step, end):
-        t0 = time.time()
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro in range(accum):
-            x, y = loader.next_batch()
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            # gradients are all-reduced only on the last micro-step; the choice is made before the forward
-            sync = not rt.ddp or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with rt.autocast():
-                    _, loss = model(x, y)
-                loss = loss / accum
-                loss_sum += loss.detach()
-                scaler.scale(loss).backward()
-        train_loss = all_reduce_sum(loss_sum).item() / rt.world_size
+    for step in range(start_step, run.end):
+        t0 = begin_step(model, optimizer)
+        train_loss = train_step(model, loader, scaler, rt, accum)
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
-        metrics["skipped_steps"] += int(skipped)
-        if rt.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        tok_per_s = cfg.total_batch_tokens / dt
-        record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000, "tok_per_s": tok_per_s}
+        record = update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics)
+        dt = step_seconds(rt, t0)
+        record.update(dt_ms=dt * 1000, tok_per_s=cfg.total_batch_tokens / dt)
         if peak:
-            record["mfu"] = mfu(flops_per_token, tok_per_s / rt.world_size, peak)
-        if scaler.is_enabled():
-            record["skipped_steps"] = metrics["skipped_steps"]
-        logger.log(record, step)
+            record["mfu"] = mfu(flops_per_token, record["tok_per_s"] / rt.world_size, peak)
+        run.log_step(record, step, scaler, metrics)
         metrics.update(train_loss=train_loss, tokens=(step + 1) * cfg.total_batch_tokens)
 
         done = step + 1
-        if done == end or (cfg.eval_every and done % cfg.eval_every == 0):
+        if run.is_last(done) or run.is_due(done, cfg.eval_every):
             run_evals(done)
-        if rt.master and (done == end or (cfg.save_every and done % cfg.save_every == 0)):
+        if rt.master and (run.is_last(done) or (cfg.save_every and done % cfg.save_every == 0)):
             save_checkpoint(ckpt_path, stage=STAGE, model=raw, step=done, config=cfg, metrics=metrics,
                             optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state())
-            print0(f"saved {ckpt_path} (step {done})")
-    logger.finish()
-    return metrics
+            run.saved(ckpt_path, done)
+    return run.finish(metrics)
 
 
 if __name__ == "__main__":

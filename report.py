@@ -6,8 +6,11 @@ the reward model against the gold score, the example post). It loads no model an
     python report.py --run-dir runs/small --ckpt-dir checkpoints/small     # after ./run.sh small
     python report.py --run-dir runs/gpt2 --ckpt-dir checkpoints/gpt2       # a real run (no gold score)
 
-run.sh calls it last. It prints the table and writes RUN_DIR/report.md and RUN_DIR/report.json (every
-figure by name; null where a stage did not record it). A stage that has not run yet leaves its rows at
+run.sh calls it last. It prints the table, after the definitions of its terms (before / after, HellaSwag's
+completion and harness styles, the gold score, win rates and who judges them), and the example post, the
+one eval_summaries.py --example picked by position (default 0: the first evaluated post, not chosen for
+its summaries), and writes RUN_DIR/report.md and RUN_DIR/report.json (every figure by name; null where a
+stage did not record it). A stage that has not run yet leaves its rows at
 n/a rather than failing, so the report also works on a run in progress.
 """
 from __future__ import annotations
@@ -17,8 +20,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import UserError, atomic_write, cli_main, load_checkpoint
-from plot import number, read_log, series
+from checkpoints import load_checkpoint
+from common import UserError, cli_main, write_json, write_text
+from plot import number, series
+from training import read_log
 
 
 @dataclass
@@ -98,6 +103,8 @@ def eval_figures(record: dict) -> tuple[dict, dict | None]:
         if ex.get("gold"):
             example["gold"] = {"reference": ex["gold"]["reference"], "sft": ex["gold"][sft_name], "ppo": ex["gold"][ppo_name]}
     meta = {k: record.get(k) for k in ("data", "split", "judge", "sft")}
+    # which evaluated post the example is (eval_summaries.py --example, default 0: the first), for its label
+    meta["example_index"] = ex.get("index") if ex else None
     return f, example, {**meta, "ppo": ppo_name}
 
 
@@ -276,15 +283,66 @@ def _win(f: dict, key: str) -> str:
     return f"{100 * f[key]:.1f}% ({100 * f[key + '_lo']:.1f}-{100 * f[key + '_hi']:.1f})"
 
 
+def terms(evaluated: dict | None) -> list[str]:
+    """The report's terms, defined before the table where they first appear (markdown lines)."""
+    judge = (evaluated or {}).get("judge")
+    raters = "the reward model (the higher reward wins) or the gold score (the higher gold score wins; generated world only)"
+    if judge:
+        raters = (f"the reward model (the higher reward wins), the gold score (the higher gold score wins; generated "
+                  f"world only) or the judge language model {judge} (asked which summary is better, in both orders)")
+    return [
+        "How to read it:",
+        "",
+        "- **before / after**: a stage's starting point (random init for pretraining, the pretrained model for SFT, "
+        "chance for the reward model, the SFT policy for PPO) and its result; **from** names the record each figure "
+        "is read from.",
+        "- **HellaSwag acc_norm**: the share of HellaSwag rows on which the model gives the right one of 4 endings the "
+        "highest length-normalised log-likelihood (chance 25%), scored two ways: **completion** style is ours "
+        "(build-nanogpt's: context, then the ending; log-likelihood per ending token), **harness** style is "
+        "lm-evaluation-harness's preprocessing (activity label and cleaned context; log-likelihood per character of "
+        "the ending).",
+        "- **gold score**: the generated world's hidden oracle score of a summary (synthetic.py), 0-1: does it name "
+        "the post's person, problem and question, state no wrong facts, stay concise and finish. It is meaningful on "
+        "generated posts only (n/a on real data). **missing details** and **wrong facts** are its parts: the post's "
+        "key facts a summary leaves out, and facts it states that the post does not support.",
+        "- **reward-model score**: the reward model's score of a summary, shifted so that reference summaries average "
+        "0. **KL to SFT**: how far the PPO policy's next-token distributions are from the SFT model's, summed over "
+        "a summary, in nats.",
+        f"- **win rate**: the share of posts on which a rater prefers a model's summary to the other summary of the "
+        f"same post (the human reference, or the SFT model's); a tie counts half. The rater is named in each row: "
+        f"{raters}. In parentheses, the 95% Wilson score interval.",
+        "- **ROUGE-1 / 2 / L**: F1 word overlap (unigrams, bigrams, longest common subsequence) with the reference "
+        "summaries.",
+        "",
+    ]
+
+
+def example_label(evaluated: dict | None, posts) -> str:
+    """How the example post was chosen: by its index among the evaluated posts, never by its summaries."""
+    evaluated = evaluated or {}
+    i, split = evaluated.get("example_index"), evaluated.get("split") or "evaluated"
+    of = f" of the {posts:,} {split} posts evaluated" if isinstance(posts, int) else f" of the {split} posts"
+    if i == 0:
+        return f"Example: the first{of}"
+    if isinstance(i, int):
+        return f"Example: post {i + 1}{of}"
+    return f"Example: one{of}"
+
+
 def format_report(report: dict, title: str = "Pipeline report") -> str:
-    lines = [f"# {title}", "", "| metric | before | after | from |", "|---|---|---|---|"]
+    lines = [f"# {title}", "", *terms(report.get("eval")), "| metric | before | after | from |", "|---|---|---|---|"]
     lines += [f"| {m} | {b} | {a} | {src} |" for m, b, a, src in table_rows(report["figures"], report.get("eval"))]
     ex = report.get("example")
     if ex:
         gold = ex.get("gold") or {}
         g = lambda k: f" (gold {gold[k]:.2f})" if k in gold else ""
         post = " ".join(ex["post"].split())
-        lines += ["", f"**Example** (r/{ex['subreddit']}, \"{ex['title']}\"): {post}", "",
+        i = (report.get("eval") or {}).get("example_index")
+        flag = f"eval_summaries.py --example {i}" + (", the default" if i == 0 else "") if isinstance(i, int) else \
+            "eval_summaries.py --example"
+        lines += ["", f"**{example_label(report.get('eval'), report['figures'].get('eval_posts'))}** "
+                      f"({flag}: chosen by its position, not for how its summaries came out), "
+                      f"r/{ex['subreddit']}, \"{ex['title']}\": {post}", "",
                   f"- reference{g('reference')}: {ex['reference']}",
                   f"- SFT{g('sft')}: {ex['sft']}",
                   f"- PPO{g('ppo')}: {ex['ppo']}"]
@@ -309,8 +367,8 @@ def main(cfg: Config) -> dict:
     text = format_report(report, f"Pipeline report: {run.name}")
 
     # --- write
-    atomic_write(out, lambda f: f.write(text), "w")
-    atomic_write(out.with_suffix(".json"), lambda f: f.write(json.dumps(report, indent=2) + "\n"), "w")
+    write_text(out, text)
+    write_json(out.with_suffix(".json"), report)
     print(text, end="")
     print(f"wrote {out} and {out.with_suffix('.json')} ({time.time() - t0:.1f}s)")
     return report

@@ -28,27 +28,27 @@ normalised), `checkpoints/reward_model_latest.pt` (for --resume) and `runs/<run-
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import summaries
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
-                    restore_training_state, rng_state, save_checkpoint, unwrap)
-from model import GPT, PAD_ID, GPTConfig, ScoreModel, build_model
+from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, prompt_info, resolve_ckpt,
+                         rng_state, save_checkpoint)
+from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0, unwrap
+from model import PAD_ID, ScoreModel
+from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
+                      restore_training_state, start_run, step_seconds, update_step, use_compile)
 
 STAGE = "reward_model"
 INIT_STAGES = ("sft",)
 
 
 @dataclass
-class Config:
+class Config(RunFlags):
     preset: str = "gpt2"                  # tiny (tests) | small (CPU demo) | gpt2 (124M on the real comparisons, the defaults)
     init: str = "best_sft.pt"             # SFT checkpoint (bare name: in --ckpt-dir), or GPT-2 weights: a hub name (gpt2, ...) or local HF directory
     data: str = "CarperAI/openai_summarize_comparisons"  # comparisons: HF dataset name or local folder of {split}.jsonl/.parquet (CarperAI or OpenAI schema)
@@ -66,14 +66,11 @@ class Config:
     freeze_embeddings: bool = False       # keep the token embeddings fixed (tied to the LM head, which a reward model never uses; saves their optimizer work)
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.95                   # AdamW beta2
-    grad_clip: float = 1.0                # clip the global gradient norm to this (0: no clipping)
     eval_every: int = 200                 # steps between validation passes, plus one at the end (0: at the end only)
     val_pairs: int = 4096                 # validation pairs per pass, a fixed sample of the split (0: all)
     save_every: int = 200                 # steps between --latest-ckpt checkpoints, plus one at the end (0: at the end only)
     best_ckpt: str = "reward_model.pt"    # the checkpoint with the best validation accuracy, normalised; a bare name lives in --ckpt-dir
     latest_ckpt: str = "reward_model_latest.pt"  # the last checkpoint, with optimizer and data position, read by --resume
-    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
-    resume: bool = False                  # continue exactly from --latest-ckpt (optimizer, scaler, data position, RNG)
     stop_at: int = 0                      # end this run after this step with a --latest-ckpt checkpoint, keeping the schedule (0: run to the end)
     score: bool = False                   # no training: print the reward of --post/--summary under --ckpt
     ckpt: str = "reward_model.pt"         # reward model read by --score
@@ -81,12 +78,7 @@ class Config:
     title: str = ""                       # --score: the post title
     subreddit: str = ""                   # --score: the subreddit, without r/
     summary: str = ""                     # --score: the summary to score
-    run_name: str = "reward_model"        # run folder runs/<run-name>/ for config.json and log.jsonl
-    wandb: bool = False                   # also log to Weights & Biases
-    wandb_project: str = "gpt2-rlhf"      # W&B project
-    device: str = "auto"                  # auto | cuda | cpu | mps
-    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool | None = None           # torch.compile the training forward (default: on for CUDA, off elsewhere)
+    run_name: str = "reward_model"
     seed: int = 1337                      # seeds the order of the pairs and the validation sample
 
 
@@ -144,10 +136,10 @@ def pack_summaries(rows: list[tuple[list[int], list[list[int]]]], pad_id: int = 
     positions = torch.zeros((B, T), dtype=torch.long)
     segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, k summary k, -1 padding
     ends = torch.zeros((B, K), dtype=torch.long)
-    for i, (p, summaries) in enumerate(rows):
+    for i, (p, texts) in enumerate(rows):
         idx[i, :len(p)], positions[i, :len(p)], segment[i, :len(p)] = torch.tensor(p), torch.arange(len(p)), 0
         start = len(p)
-        for k, s in enumerate(summaries):
+        for k, s in enumerate(texts):
             stop = start + len(s)
             idx[i, start:stop], segment[i, start:stop] = torch.tensor(s), k + 1
             positions[i, start:stop] = torch.arange(len(p), len(p) + len(s))
@@ -201,52 +193,10 @@ def triple_len(t: Triple) -> int:
 
 
 # -----------------------------------------------------------------------------
-# scoring: what PPO and --score use
-
-def load_reward_model(path: str, map_location="cpu", ckpt_dir: str = "checkpoints") -> tuple[ScoreModel, dict]:
-    """A trained, normalised reward model (eval mode) and its checkpoint dict (`tldr` holds the prompt
-    template and budgets it was trained with, `reward_norm` the normalisation)."""
-    ckpt = load_checkpoint(path, STAGE, map_location, ckpt_dir)
-    if "reward_norm" not in ckpt:
-        raise UserError(f"{path} has no reward normalisation: it is a training snapshot, not a finished reward "
-                        f"model; use the --best-ckpt checkpoint ({Config.best_ckpt})")
-    return build_model(ckpt, ScoreModel, dropout=0.0).eval(), ckpt
-
-
-@torch.no_grad()
-def score_tokens(model: ScoreModel, seqs: list[list[int]], batch_size: int = 32,
-                 autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Rewards (N,) float32 on the CPU of token sequences (prompt + summary each), batched by length.
-    autocast: a context factory such as `Runtime.autocast`."""
-    if not seqs:
-        return torch.zeros(0)
-    device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = torch.empty(len(seqs))
-    for chunk in micro_batches(order, batch_size):
-        idx, mask = tldr.right_pad([seqs[i] for i in chunk], PAD_ID)
-        with autocast():
-            rewards = model.reward(idx.to(device), mask.to(device))
-        out[chunk] = rewards.float().cpu()
-    return out
-
-
-def score_texts(model: ScoreModel, posts: list[tldr.Post], summaries: list[str], info: dict | None = None,
-                batch_size: int = 32, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Rewards (N,) of (post, summary) pairs, built exactly as in training (info: the checkpoint's `tldr`)."""
-    if len(posts) != len(summaries):
-        raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
-    info = info or tldr.template_info()
-    seqs = [tldr.prompt_tokens(p, info["max_prompt_tokens"], info["template"])[0]
-            + tldr.summary_tokens(s, info["max_summary_tokens"]) for p, s in zip(posts, summaries)]
-    return score_tokens(model, seqs, batch_size, autocast)
-
-
-# -----------------------------------------------------------------------------
 # evaluation and normalisation (each rank takes every world_size-th item; sums are all-reduced)
 
 @torch.no_grad()
-def evaluate(scorer: PairScorer, triples: list[Triple], micro_batch: int, rt) -> dict:
+def pair_accuracy(scorer: PairScorer, triples: list[Triple], micro_batch: int, rt) -> dict:
     """Validation accuracy (a tie counts half) and Bradley-Terry loss over `triples`."""
     scorer.eval()
     sums = torch.zeros(3, device=rt.device)  # correct, loss sum, pairs
@@ -264,7 +214,7 @@ def evaluate(scorer: PairScorer, triples: list[Triple], micro_batch: int, rt) ->
 def reference_stats(model: ScoreModel, seqs: list[list[int]], micro_batch: int, rt) -> tuple[float, float]:
     """Mean and standard deviation of the reward over reference sequences (prompt + reference summary)."""
     model.eval()
-    rewards = score_tokens(model, seqs[rt.rank::rt.world_size], micro_batch, rt.autocast).double()
+    rewards = summaries.score_tokens(model, seqs[rt.rank::rt.world_size], micro_batch, rt.autocast).double()
     sums = all_reduce_sum(torch.tensor([rewards.sum(), (rewards ** 2).sum(), len(rewards)], dtype=torch.float64,
                                        device=rt.device)).tolist()
     mean = sums[0] / sums[2]
@@ -282,25 +232,11 @@ def normalized_state(model: ScoreModel, mean: float) -> dict:
 # initialisation
 
 def init_model(cfg: Config) -> tuple[ScoreModel, dict]:
-    """ScoreModel from an SFT checkpoint (trunk) or OpenAI GPT-2 weights; returns it with the tldr template
-    info it must use (copied from the SFT checkpoint, defaults for raw GPT-2)."""
-    path = resolve_ckpt(cfg.init, cfg.ckpt_dir)
-    if path.is_file() or cfg.init.endswith(".pt"):
-        ckpt = load_checkpoint(path, INIT_STAGES)
-        config = GPTConfig.from_dict({**ckpt["model_config"], "dropout": 0.0})
-        lm_state = {k: v for k, v in ckpt["model"].items() if not k.startswith("score_head.")}
-        try:
-            model = ScoreModel.from_lm_state(config, lm_state)
-        except (ValueError, RuntimeError) as e:
-            raise UserError(f"{path}: weights do not fit its model_config ({str(e).splitlines()[0][:160]})") from None
-        info = ckpt.get("tldr") or tldr.template_info()
-        return model, dict(info)
-    try:
-        lm = GPT.from_pretrained(cfg.init, dropout=0.0)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        raise UserError(f"--init {cfg.init!r} is neither a checkpoint in {cfg.ckpt_dir}/ nor loadable GPT-2 weights "
-                        f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
-    return ScoreModel.from_lm_state(lm.config, lm.state_dict()), tldr.template_info()
+    """ScoreModel from an SFT checkpoint (trunk) or OpenAI GPT-2 weights, dropout off; returns it with the tldr
+    template info it must use (copied from the SFT checkpoint, defaults for raw GPT-2)."""
+    with torch.random.fork_rng(devices=[]):  # the LM only carries weights: the head's init draws as if it were not built
+        lm, ckpt = load_lm(cfg.init, cfg.ckpt_dir, INIT_STAGES, dropout=0.0)
+    return ScoreModel.from_lm_state(lm.config, lm.state_dict()), prompt_info(ckpt)
 
 
 def check_config(cfg: Config):
@@ -317,11 +253,11 @@ def check_config(cfg: Config):
 def score_main(cfg: Config) -> float:
     if not cfg.post.strip() or not cfg.summary.strip():
         raise UserError("--score needs a non-empty --post and --summary")
-    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    rt = init_runtime(cfg)
     model, ckpt = load_reward_model(cfg.ckpt, rt.device, cfg.ckpt_dir)
     model.to(rt.device)
     post = tldr.Post(cfg.post.strip(), cfg.title.strip(), cfg.subreddit.strip().removeprefix("r/"))
-    reward = score_texts(model, [post], [cfg.summary], ckpt.get("tldr"), autocast=rt.autocast)[0].item()
+    reward = summaries.score_texts(model, [post], [cfg.summary], ckpt.get("tldr"), autocast=rt.autocast)[0].item()
     std = ckpt["reward_norm"].get("std") or 0.0
     z = f" ({reward / std:+.2f} std from the mean reference summary)" if std > 0 else ""
     print(f"reward {reward:+.4f}{z}")
@@ -329,36 +265,18 @@ def score_main(cfg: Config) -> float:
 
 
 # -----------------------------------------------------------------------------
+# the stage
 
-def main(cfg: Config) -> dict:
-    # --- config
-    if cfg.score:
-        return {"reward": score_main(cfg)}
-    check_config(cfg)
+@dataclass
+class RewardData:
+    """Token triples of a run, the reference sequences the reward is normalised on, the pair sampler."""
+    train: list[Triple]
+    valid: list[Triple]
+    references: list[list[int]]
+    sampler: tldr.EpochSampler
 
-    # --- setup
-    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
-    accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="pairs")
-    out_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
-    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
 
-    # --- model
-    resume = load_checkpoint(latest_path, STAGE, "cpu") if cfg.resume else None
-    if resume is not None:
-        if "optimizer" not in resume:
-            raise UserError(f"{latest_path} has no optimizer state; --resume needs the --latest-ckpt checkpoint")
-        raw = ScoreModel(GPTConfig.from_dict(resume["model_config"]))
-        raw.load_state_dict(resume["model"])
-        info = resume["tldr"]
-    else:
-        raw, info = init_model(cfg)
-    if info["max_prompt_tokens"] + info["max_summary_tokens"] > raw.config.block_size:
-        raise UserError(f"prompt + summary budgets ({info['max_prompt_tokens']} + {info['max_summary_tokens']} tokens) "
-                        f"exceed the model's block size {raw.config.block_size}")
-    raw.to(rt.device)
-    scorer = PairScorer(raw)  # evaluation and normalisation run the plain modules, never the compiled/DDP one
-
-    # --- data
+def load_data(cfg: Config, info: dict, rt) -> RewardData:
     train = tldr.load_comparisons(cfg.data, "train")
     valid = tldr.load_comparisons(cfg.data, cfg.val_split)
     stats = pair_stats(train)
@@ -367,11 +285,62 @@ def main(cfg: Config) -> dict:
     if cfg.val_pairs and len(valid) > cfg.val_pairs:
         g = torch.Generator().manual_seed(cfg.seed)
         valid = [valid[i] for i in sorted(torch.randperm(len(valid), generator=g)[:cfg.val_pairs].tolist())]
-    train_triples, valid_triples = encode_comparisons(train, info), encode_comparisons(valid, info)
+    train_triples = encode_comparisons(train, info)
     refs = tldr.load_sft(cfg.sft_data, "valid")[:cfg.norm_rows or None]
     ref_seqs = [p + s for p, s in tldr.encode_sft(refs, info["max_prompt_tokens"], info["max_summary_tokens"],
                                                   info["template"])]
-    sampler = tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size)
+    return RewardData(train_triples, encode_comparisons(valid, info), ref_seqs,
+                      tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size))
+
+
+def load_model(cfg: Config, latest_path) -> tuple[ScoreModel, dict, dict | None]:
+    """(model, prompt info, the --resume checkpoint or None)."""
+    if not cfg.resume:
+        return *init_model(cfg), None
+    resume = load_checkpoint(latest_path, STAGE, "cpu")
+    if "optimizer" not in resume:
+        raise UserError(f"{latest_path} has no optimizer state; --resume needs the --latest-ckpt checkpoint")
+    return build_from_checkpoint(resume, ScoreModel, where=latest_path), resume["tldr"], resume
+
+
+def train_step(model, scaler, chunks: list[list[Triple]], rt) -> tuple[float, float, float]:
+    """Forward and backward of one optimizer step's micro-batches; (summed loss, correct pairs, tokens)
+    over every rank."""
+    sums = torch.zeros(3, device=rt.device)  # loss sum, correct, tokens
+    for micro in micro_steps(model, rt, len(chunks)):
+        chunk = chunks[micro]
+        with rt.autocast():
+            rc, rr = pair_rewards(model, chunk, rt.device)
+        loss = bradley_terry_loss(rc, rr)
+        scaler.scale(loss / len(chunks)).backward()
+        tokens = sum(len(p) + len(c) + len(r) for p, c, r in chunk)
+        sums += torch.stack([loss.detach() * len(chunk), (rc > rr).float().sum().detach(),
+                             torch.tensor(float(tokens), device=rt.device)])
+    loss_sum, correct, tokens = all_reduce_sum(sums).tolist()
+    return loss_sum, correct, tokens
+
+
+def main(cfg: Config) -> dict:
+    # --- config
+    if cfg.score:
+        return {"reward": score_main(cfg)}
+    check_config(cfg)
+
+    # --- setup
+    rt = init_runtime(cfg)
+    accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="pairs")
+    out_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
+
+    # --- model
+    raw, info, resume = load_model(cfg, latest_path)
+    if info["max_prompt_tokens"] + info["max_summary_tokens"] > raw.config.block_size:
+        raise UserError(f"prompt + summary budgets ({info['max_prompt_tokens']} + {info['max_summary_tokens']} tokens) "
+                        f"exceed the model's block size {raw.config.block_size}")
+    raw.to(rt.device)
+    scorer = PairScorer(raw)  # evaluation and normalisation run the plain modules, never the compiled/DDP one
+
+    # --- data
+    data = load_data(cfg, info, rt)
 
     # --- optimizer
     raw.transformer.wte.weight.requires_grad_(not cfg.freeze_embeddings)
@@ -379,102 +348,67 @@ def main(cfg: Config) -> dict:
     scaler = rt.grad_scaler()
     start_step, best, metrics = 0, {"val_accuracy": -1.0, "step": -1}, {"skipped_steps": 0}
     if resume is not None:
-        restore_training_state(resume, optimizer, scaler, sampler)
+        restore_training_state(resume, optimizer, scaler, data.sampler)
         start_step, best = resume["step"], dict(resume["best"])
         metrics = {**metrics, **resume["metrics"]}
-    model = prepare_for_training(scorer, rt, use_compile, dynamic=True)  # what trains: the packed forward
+    model = prepare_for_training(scorer, rt, use_compile(cfg, rt), dynamic=True)  # what trains: the packed forward
 
     # --- schedule
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(train_triples) // cfg.batch_size))
-    end = min(max_steps, cfg.stop_at) if cfg.stop_at else max_steps
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * len(data.train) // cfg.batch_size))
     n_trunk = raw.num_params() - raw.transformer.wte.weight.numel()  # no vocabulary projection in a reward model
     peak = rt.peak_tflops()
-    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
-                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
-    print0(f"reward model: {n_trunk / 1e6:.2f}M trunk params, {rt.world_size} process(es) on {rt.device_type}, "
-           f"{str(rt.dtype).removeprefix('torch.')}, {cfg.batch_size} pairs/step = {cfg.micro_batch} x "
-           f"{rt.world_size} rank(s) x {accum} accumulation step(s), steps {start_step}->{end} of {max_steps} "
-           f"({max_steps * cfg.batch_size / len(train_triples):.2f} epochs), compile {'on' if use_compile else 'off'}")
-    if start_step:
-        print0(f"resumed from {latest_path} at step {start_step} (best val accuracy so far {best['val_accuracy']:.4f})")
-    if start_step >= end:
-        print0(f"nothing to do: the checkpoint is at step {start_step}")
+    run = start_run(cfg, rt, "reward model", start_step, max_steps, f"{n_trunk / 1e6:.2f}M trunk params",
+                    f"{cfg.batch_size} pairs/step = {cfg.micro_batch} x {rt.world_size} rank(s) x {accum} "
+                    f"accumulation step(s) "
+                    f"({max_steps * cfg.batch_size / len(data.train):.2f} epochs)", latest_path,
+                    f"best val accuracy so far {best['val_accuracy']:.4f}")
+    if run.nothing_to_do:
         return {"step": start_step, "best": best}
 
-    def run_eval(step: int) -> dict:
-        record = evaluate(scorer, valid_triples, cfg.micro_batch * 2, rt)
+    def evaluate_and_save(step: int) -> dict:
+        record = pair_accuracy(scorer, data.valid, cfg.micro_batch * 2, rt)
         if record["val_accuracy"] > best["val_accuracy"]:
-            mean, std = reference_stats(raw, ref_seqs, cfg.micro_batch * 2, rt)
+            mean, std = reference_stats(raw, data.references, cfg.micro_batch * 2, rt)
             best.update(val_accuracy=record["val_accuracy"], val_loss=record["val_loss"], step=step)
-            if rt.master:
-                save_best(step, record, mean, std)
+            if rt.master:  # the shifted bias goes into a copy of the weights: training continues bit-exactly
+                snapshot = ScoreModel(raw.config)
+                snapshot.load_state_dict(normalized_state(raw, mean))
+                save_checkpoint(out_path, stage=STAGE, model=snapshot, step=step, config=cfg,
+                                metrics={**record, "ref_reward_mean_before": mean}, tldr=info,
+                                reward_norm={"bias_shift": -mean, "std": std, "rows": len(data.references)})
             record["saved"] = str(out_path)
-        logger.log(record, step, kind="eval")
+        run.logger.log(record, step, kind="eval")
         return record
 
-    def save_best(step: int, record: dict, mean: float, std: float):
-        """The shifted bias goes into a copy of the weights: training continues bit-exactly."""
-        state = normalized_state(raw, mean)
-        snapshot = ScoreModel(raw.config)
-        snapshot.load_state_dict(state)
-        save_checkpoint(out_path, stage=STAGE, model=snapshot, step=step, config=cfg,
-                        metrics={**record, "ref_reward_mean_before": mean}, tldr=info,
-                        reward_norm={"bias_shift": -mean, "std": std, "rows": len(ref_seqs)})
-
-    def save_latest(step: int):
-        if rt.master:
-            save_checkpoint(latest_path, stage=STAGE, model=raw, step=step, config=cfg, metrics=metrics,
-                            optimizer=optimizer, scaler=scaler, data_state=sampler.state_dict(), rng=rng_state(),
-                            tldr=info, best=best)
-
     # --- loop
-    for step in range(start_step, end):
-        t0 = time.time()
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=rt.device)  # loss sum, correct, tokens
-        batch = [train_triples[i] for i in sampler.next_indices(cfg.batch_size // rt.world_size)]
-        chunks = micro_batches(batch, cfg.micro_batch, key=triple_len)
-        for micro, chunk in enumerate(chunks):
-            # gradients are all-reduced only on the last micro-step; the choice is made before the forward
-            sync = not rt.ddp or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with rt.autocast():
-                    rc, rr = pair_rewards(model, chunk, rt.device)
-                loss = bradley_terry_loss(rc, rr)
-                scaler.scale(loss / accum).backward()
-            tokens = sum(len(p) + len(c) + len(r) for p, c, r in chunk)
-            sums += torch.stack([loss.detach() * len(chunk), (rc > rr).float().sum().detach(),
-                                 torch.tensor(float(tokens), device=rt.device)])
-        loss_sum, correct, tokens = all_reduce_sum(sums).tolist()
+    for step in range(start_step, run.end):
+        t0 = begin_step(model, optimizer)
+        batch = [data.train[i] for i in data.sampler.next_indices(cfg.batch_size // rt.world_size)]
+        loss_sum, correct, tokens = train_step(model, scaler, micro_batches(batch, cfg.micro_batch, key=triple_len), rt)
         train_loss = loss_sum / cfg.batch_size
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
-        metrics["skipped_steps"] += int(skipped)
-        if rt.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        record = {"loss": train_loss, "accuracy": correct / cfg.batch_size, "lr": lr, "grad_norm": grad_norm,
-                  "dt_ms": dt * 1000, "pairs_per_s": cfg.batch_size / dt, "tok_per_s": tokens / dt}
+        record = update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics)
+        dt = step_seconds(rt, t0)
+        record.update(accuracy=correct / cfg.batch_size, dt_ms=dt * 1000, pairs_per_s=cfg.batch_size / dt,
+                      tok_per_s=tokens / dt)
         if peak:
             seq_len = tokens / cfg.batch_size  # packed row length: the attention span
             record["mfu"] = mfu(6 * n_trunk + 12 * raw.config.n_layer * raw.config.n_embd * seq_len,
                                 tokens / dt / rt.world_size, peak)
-        if scaler.is_enabled():
-            record["skipped_steps"] = metrics["skipped_steps"]
-        logger.log(record, step)
+        run.log_step(record, step, scaler, metrics)
         metrics.update(train_loss=train_loss, step=step + 1)
 
-        done = step + 1 == end
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == max_steps:
-            metrics.update(run_eval(step + 1))
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save_latest(step + 1)
+        done = step + 1
+        if run.is_due(done, cfg.eval_every):
+            metrics.update(evaluate_and_save(done))
+        if rt.master and (run.is_last(done) or (cfg.save_every and done % cfg.save_every == 0)):
+            save_checkpoint(latest_path, stage=STAGE, model=raw, step=done, config=cfg, metrics=metrics,
+                            optimizer=optimizer, scaler=scaler, data_state=data.sampler.state_dict(), rng=rng_state(),
+                            tldr=info, best=best)
 
     if rt.master and best["step"] >= 0:
         print0(f"best val accuracy {best['val_accuracy']:.4f} at step {best['step']}, saved to {out_path}")
-    logger.finish()
-    return {**metrics, "best": best}
+    return run.finish({**metrics, "best": best})
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 #   then report.py (runs/<name>/report.md, report.json) and plot.py (runs/<name>/*.png)
 #
 #   ./run.sh small                 # the CPU demo on the generated world (what `make demo` runs)
-#   ./run.sh tiny                  # the same chain at test size: about 2 CPU-minutes
+#   ./run.sh tiny                  # the same chain at test size: about a minute on 2 cores
 #   ./run.sh gpt2                  # the real run: FineWeb-Edu, HellaSwag, TL;DR; torchrun over all visible GPUs
 #   NPROC=2 PRETRAIN_ARGS="--micro-batch 16" SFT_ARGS="--micro-batch 8" RM_ARGS="--micro-batch 4" \
 #       PPO_ARGS="--micro-batch 4 --gen-batch 32" ./run.sh gpt2               # two T4s
@@ -18,7 +18,8 @@
 # Everything is written under the current directory: data/ (shared by runs of the same preset),
 # checkpoints/<name>/ and runs/<name>/ (<name> defaults to the preset). A stage that finished before is
 # skipped; one that was interrupted continues from its last checkpoint (--resume), so rerunning the same
-# command after a crash or Ctrl-C picks up where it stopped. Data preparation is never redone (it is
+# command after a crash or Ctrl-C picks up where it stopped. Each stage starts (or is skipped) with a line
+# "== stage i/N: NAME", N being the number of stages the preset runs (tiny 10, small 11, gpt2 10). Data preparation is never redone (it is
 # deterministic and resumes itself); delete data/ to redo it.
 #
 # Environment: PYTHON (default .venv/bin/python beside this script, else python3), NPROC (gpt2: processes
@@ -78,6 +79,19 @@ show() {  # the command as you would type it
 args() { read -r -a _extra <<< "${1:-}"; }  # word-split one *_ARGS variable into _extra
 
 # --- stage bookkeeping
+# the stages this preset runs, in order: each says "== stage i/N: NAME" when it starts or is skipped
+case "$PRESET" in
+  tiny)  STAGES=(synthetic fineweb pretrain hellaswag sft reward_model ppo eval summarize report) ;;
+  small) STAGES=(synthetic fineweb pretrain hellaswag sft comparisons reward_model ppo eval summarize report) ;;
+  gpt2)  STAGES=(fineweb hellaswag_gpt2 pretrain hellaswag sft reward_model ppo eval summarize report) ;;
+esac
+announce() {  # announce STAGE: its place among this preset's STAGES
+  local i
+  for i in "${!STAGES[@]}"; do
+    if [[ "${STAGES[$i]}" == "$1" ]]; then echo "== stage $((i + 1))/${#STAGES[@]}: $1"; return 0; fi
+  done
+  die "run.sh: stage '$1' is missing from the $PRESET preset's STAGES"
+}
 finished() {  # finished STAGE OUTPUT...: true when STAGE completed before and its outputs are all there
   local stage=$1; shift
   [[ -f "$RUN/.done/$stage" ]] || return 1
@@ -110,8 +124,10 @@ case "$PRESET" in
     if [[ "$PRESET" == tiny ]]; then  # the tiny world is ~9k tokens: small shards so that some are train shards
       SYN="data/synthetic_tiny"; SHARDS="data/synthetic_tiny_shards"; SYN_FLAGS+=(--preset tiny); SHARD_FLAGS=(--shard-tokens 2048)
     fi
+    announce synthetic
     if [[ -f "$SYN/manifest.json" ]]; then echo "== synthetic: $SYN exists, skipped"
     else run_stage synthetic py "$ROOT/synthetic.py" --out "$SYN" "${SYN_FLAGS[@]}"; fi
+    announce fineweb
     args "${FINEWEB_ARGS:-}"
     if ! shards_complete; then
       run_stage fineweb py "$ROOT/fineweb.py" --preset "$PRESET" --input "$SYN/pretrain.jsonl" --out-dir "$SHARDS" \
@@ -120,10 +136,12 @@ case "$PRESET" in
     ;;
   gpt2)
     SHARDS="data/fineweb_edu"
+    announce fineweb
     args "${FINEWEB_ARGS:-}"
     if ! shards_complete; then run_stage fineweb py "$ROOT/fineweb.py" --out-dir "$SHARDS" "${_extra[@]}"; fi
     # OpenAI's GPT-2 124M on HellaSwag val: the reference figure, and it fetches the split that
     # pretrain.py then evaluates every --eval-every steps
+    announce hellaswag_gpt2
     if ! finished hellaswag_gpt2 "$CKPT/gpt2_hellaswag_val.json"; then
       run_stage hellaswag_gpt2 launch "$ROOT/hellaswag.py" --preset gpt2 --hf gpt2 --out "$CKPT/gpt2_hellaswag_val.json"
     fi
@@ -131,6 +149,7 @@ case "$PRESET" in
 esac
 
 # --- pretrain
+announce pretrain
 if ! finished pretrain "$CKPT/pretrain.pt"; then
   resume_or_fresh pretrain "$CKPT/pretrain.pt"
   args "${PRETRAIN_ARGS:-}"
@@ -146,6 +165,7 @@ if ! finished pretrain "$CKPT/pretrain.pt"; then
 fi
 
 # --- HellaSwag of the pretrained model (all rows of the split; pretrain.py logged a subset during training)
+announce hellaswag
 if ! finished hellaswag "$CKPT/pretrain_hellaswag_val.json"; then
   args "${HELLASWAG_ARGS:-}"
   case "$PRESET" in
@@ -156,6 +176,7 @@ if ! finished hellaswag "$CKPT/pretrain_hellaswag_val.json"; then
 fi
 
 # --- SFT
+announce sft
 if ! finished sft "$CKPT/best_sft.pt"; then
   resume_or_fresh sft "$CKPT/sft_latest.pt"
   args "${SFT_ARGS:-}"
@@ -172,9 +193,10 @@ fi
 # (CarperAI); on the small world the rater labels pairs of the SFT model's own samples, which is what
 # lets PPO raise the gold score (the variant comparisons do not). The tiny model's samples are noise
 # with nothing to tell apart, so tiny keeps the variants.
-COMPARISONS="$SYN/comparisons"
+COMPARISONS="${SYN:-}/comparisons"  # gpt2 has no SYN (and passes no --data: CarperAI's comparisons)
 if [[ "$PRESET" == small ]]; then
   COMPARISONS="$CKPT/comparisons_sft"
+  announce comparisons
   if ! finished comparisons "$COMPARISONS/manifest.json"; then
     args "${COMPARISONS_ARGS:-}"
     run_stage comparisons py "$ROOT/sample_comparisons.py" --policy best_sft.pt --ckpt-dir "$CKPT" --data "$SYN/tldr" \
@@ -183,6 +205,7 @@ if [[ "$PRESET" == small ]]; then
 fi
 
 # --- reward model
+announce reward_model
 if ! finished reward_model "$CKPT/reward_model.pt"; then
   resume_or_fresh reward_model "$CKPT/reward_model_latest.pt"
   args "${RM_ARGS:-}"
@@ -195,6 +218,7 @@ if ! finished reward_model "$CKPT/reward_model.pt"; then
 fi
 
 # --- PPO
+announce ppo
 if ! finished ppo "$CKPT/ppo_latest.pt"; then
   resume_or_fresh ppo "$CKPT/ppo_latest.pt"
   args "${PPO_ARGS:-}"
@@ -209,6 +233,7 @@ fi
 
 # --- evaluation: greedy summaries of the test posts by SFT and PPO (cached), ROUGE, win rates by the reward
 # model (and the gold score on the generated world; a judge LM with EVAL_ARGS="--judge NAME")
+announce eval
 if ! finished eval "$RUN/eval/eval.json"; then
   args "${EVAL_ARGS:-}"
   case "$PRESET" in
@@ -222,11 +247,13 @@ fi
 # --- serve: summarize.py with the PPO policy (report.py puts the SFT model's summary of a held-out post beside it)
 POST="I (24F) need advice about my roommate (25M), who keeps eating my food. It's been like this for two months now. \
 I've already tried leaving a polite note on the fridge, but nothing changed. Should I confront him about it?"
+announce summarize
 echo "== summarize"
 echo "+ $PYTHON $ROOT/summarize.py --ckpt ppo_latest.pt --ckpt-dir $CKPT --subreddit roommates --title \"Need advice about my roommate\" \"$POST\""
 py "$ROOT/summarize.py" --ckpt ppo_latest.pt --ckpt-dir "$CKPT" --subreddit roommates --title "Need advice about my roommate" "$POST"
 
 # --- report (from the stages' records only) and plots
+announce report
 py "$ROOT/report.py" --run-dir "$RUN" --ckpt-dir "$CKPT"
 py "$ROOT/plot.py" --run-dir "$RUN"
 echo "== done in $((SECONDS - T_START)) s: $RUN/report.md, $RUN/*.png, checkpoints in $CKPT/"

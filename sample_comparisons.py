@@ -29,8 +29,8 @@ import torch
 
 import synthetic
 import tldr
-from common import UserError, atomic_write, check_flags, cli_main, compute_init, load_checkpoint
-from model import GPT, build_model
+from common import UserError, check_flags, cli_main, compute_init, write_text
+from summaries import Summarizer
 
 SPLITS = ("train", "valid")
 
@@ -62,13 +62,11 @@ def check_config(cfg: Config):
         raise UserError(f"--label-noise must be in [0, 1], got {cfg.label_noise}")
 
 
-def sample_split(model, posts: list[tldr.Post], cfg: Config, info: dict, rt, split: str) -> list[list[str]]:
+def sample_split(summarizer: Summarizer, posts: list[tldr.Post], cfg: Config, rt, split: str) -> list[list[str]]:
     """cfg.samples_per_post summaries of each post (a list per post), drawn from a generator seeded by
     (seed, split) so that each split's samples do not depend on how many posts the other one has."""
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed * len(SPLITS) + SPLITS.index(split))
-    rounds = [tldr.generate_summaries(model, posts, rt, cfg.batch_size, info["max_summary_tokens"],
-                                      temperature=cfg.temperature, max_prompt_tokens=info["max_prompt_tokens"],
-                                      template=info["template"], generator=generator)
+    rounds = [summarizer.summarize(posts, rt, cfg.batch_size, temperature=cfg.temperature, generator=generator)[0]
               for _ in range(cfg.samples_per_post)]
     return [list(s) for s in zip(*rounds)]
 
@@ -93,10 +91,8 @@ def comparison_rows(posts: list[tldr.Post], samples: list[list[str]], cfg: Confi
 def main(cfg: Config) -> dict:
     # --- config, policy
     check_config(cfg)
-    ckpt = load_checkpoint(cfg.policy, ("sft", "ppo"), ckpt_dir=cfg.ckpt_dir)
     rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
-    model = build_model(ckpt, GPT, dropout=0.0).to(rt.device).eval()
-    info = ckpt.get("tldr") or tldr.template_info()
+    summarizer = Summarizer.load(cfg.policy, rt.device, ("sft", "ppo"), cfg.ckpt_dir)
     limits = {"train": cfg.train_posts, "valid": cfg.valid_posts}
 
     # --- sample each split's posts, label pairs of the samples
@@ -105,7 +101,7 @@ def main(cfg: Config) -> dict:
     for split in SPLITS:
         posts = [e.post for e in tldr.load_sft(cfg.data, split)]
         posts = posts[:limits[split]] if limits[split] else posts
-        samples = sample_split(model, posts, cfg, info, rt, split)
+        samples = sample_split(summarizer, posts, cfg, rt, split)
         rows, stats = comparison_rows(posts, samples, cfg, split)
         if not rows:
             raise UserError(f"no pair of {split} samples has a clear winner by the gold score ({stats['samples']} "
@@ -120,7 +116,7 @@ def main(cfg: Config) -> dict:
     for split, rows in rows_by_split.items():
         synthetic.write_jsonl(out / f"{split}.jsonl", rows)
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / "manifest.json", lambda f: f.write(text.encode("utf-8")), "wb")
+    write_text(out / "manifest.json", text)
     return manifest
 
 

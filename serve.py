@@ -47,10 +47,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+import synthetic
 import tldr
-from common import ROOT, UserError, cli_main, compute_init, get_tokenizer, load_checkpoint, resolve_ckpt
-from model import EOS_ID, BatchDecoder, choose_tokens
-from summarize import DEFAULT_CKPT, FALLBACK_CKPT, STAGES, Summarizer
+from checkpoints import resolve_ckpt
+from common import ROOT, UserError, cli_main, compute_init, get_tokenizer
+from model import EOS_ID, BatchDecoder, choose_tokens, left_pad
+from summaries import DEFAULT_CKPT, FALLBACK_CKPT, Summarizer, decode_summary
 
 STATIC_DIR = ROOT / "static"
 MAX_TOP_PROBS = 20
@@ -79,7 +81,7 @@ class Config:
 # decoding: one worker thread per model, requests batched
 
 class TextStream:
-    """Token ids → the pieces of text a client sees, so that the pieces joined equal tldr.decode_summary of
+    """Token ids → the pieces of text a client sees, so that the pieces joined equal summaries.decode_summary of
     the tokens: bytes are decoded incrementally (a character split across tokens arrives whole), leading
     whitespace is dropped and trailing whitespace held back until something follows it."""
 
@@ -190,7 +192,7 @@ class Engine:
             try:
                 with self.rt.autocast():
                     if new:
-                        decoder.add(*tldr.left_pad([j.prompt for j in new]), [j.max_new_tokens for j in new])
+                        decoder.add(*left_pad([j.prompt for j in new]), [j.max_new_tokens for j in new])
                         rows += [Row(j, TextStream(self.tokenizer)) for j in new]
                         self.stats["requests"] += len(new)
                         self.stats["prefills"] += 1
@@ -274,7 +276,7 @@ def load_engines(cfg: Config) -> dict[str, Engine]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     paths = checkpoint_paths(cfg)
-    loaded = [(name, Summarizer.from_checkpoint(load_checkpoint(p, STAGES), rt.device), p)
+    loaded = [(name, Summarizer.load(p, rt.device), p)
               for name, p in zip(model_names(paths), paths)]
     return {name: Engine(name, summarizer, path, rt, cfg.max_batch, cfg.batch_wait_ms / 1000)
             for name, summarizer, path in loaded}
@@ -515,7 +517,7 @@ def create_app(engines: dict[str, Engine], cfg: Config):
         prompt, truncated = engine.summarizer.prompt(post, sampling.max_new_tokens)
 
         def final(result: Result) -> dict:
-            return {"summary": tldr.decode_summary(result.tokens, tok), "model": engine.name,
+            return {"summary": decode_summary(result.tokens, tok), "model": engine.name,
                     "tokens": len(result.tokens), "seconds": round(result.seconds, 4),
                     "tokens_per_s": round(len(result.tokens) / max(result.seconds, 1e-9), 2),
                     "truncated": truncated, "finish_reason": "stop" if result.ended else "length"}
@@ -585,7 +587,7 @@ def create_app(engines: dict[str, Engine], cfg: Config):
         if not stream:
             results = await run_jobs(engine, rows, 0)
             completion = sum(len(r.tokens) for r in results)
-            return {**head, "choices": [{"index": i, "text": tldr.decode_summary(r.tokens, tok), "logprobs": None,
+            return {**head, "choices": [{"index": i, "text": decode_summary(r.tokens, tok), "logprobs": None,
                                          "finish_reason": "stop" if r.ended else "length"} for i, r in enumerate(results)],
                     "usage": {"prompt_tokens": sum(map(len, prompt_ids)), "completion_tokens": completion,
                               "total_tokens": sum(map(len, prompt_ids)) + completion}}
@@ -626,7 +628,6 @@ def load_examples(data: str, num: int) -> list[tldr.Post]:
     (what the demo's models were trained on)."""
     if data:
         return [e.post for e in tldr.load_sft(data, "test")[:num]]
-    import synthetic
     world = synthetic.make_world(seed=2024, num_posts=max(10, 10 * num), valid_frac=0.1, test_frac=0.5)
     return [tldr.Post(p.post, p.title, p.subreddit) for p in world["test"][:num]]
 

@@ -25,27 +25,26 @@ each evaluation, and `runs/<run-name>/log.jsonl`. Both checkpoints store the pro
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import summaries
 import tldr
-from common import (RunLogger, UserError, all_reduce_sum, check_flags, cli_main, compute_init, grad_accum_steps,
-                    load_checkpoint, lr_at, mfu, optimizer_step, prepare_for_training, print0, resolve_ckpt,
-                    restore_training_state, rng_state, save_checkpoint)
-from model import GPT, build_model
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
+from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0
+from model import GPT
+from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
+                      restore_training_state, start_run, step_seconds, update_step, use_compile)
 
 STAGE = "sft"
 INIT_STAGES = ("pretrain", "sft")
 
 
 @dataclass
-class Config:
+class Config(RunFlags):
     preset: str = "gpt2"                  # tiny (tests) | small (CPU demo on generated data) | gpt2 (GPT-2 124M on TL;DR, the defaults)
     init: str = "pretrain.pt"             # start from: a pretrain (or sft) checkpoint, or GPT-2 weights by hub name (gpt2, gpt2-medium, ...) or local HF directory
     data: str = "CarperAI/openai_summarize_tldr"  # HF dataset name, or a local folder of {train,valid}.jsonl|.parquet (CarperAI or OpenAI schema)
@@ -63,25 +62,15 @@ class Config:
     weight_decay: float = 0.0             # AdamW weight decay on matmul and embedding weights
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.95                   # AdamW beta2
-    grad_clip: float = 1.0                # clip the global gradient norm to this (0: no clipping)
     eval_every: int = 200                 # steps between evaluations and checkpoints (0: at the end only)
     val_examples: int = 0                 # validation examples for the loss, the first N of --val-split (0: all)
     eval_batch: int = 32                  # examples per forward in evaluation and generation
     num_samples: int = 3                  # greedy summaries of validation posts printed next to the references
     rouge_samples: int = 0                # ROUGE-1/2/L of greedy summaries on this many validation posts (needs rouge-score; 0: off)
     gold_samples: int = 0                 # mean gold score of greedy summaries on this many validation posts (generated data only; 0: off)
-    ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
     best_ckpt: str = "best_sft.pt"        # the checkpoint with the lowest validation loss
     latest_ckpt: str = "sft_latest.pt"    # the last checkpoint, read by --resume
-    resume: bool = False                  # continue exactly from --latest-ckpt (optimizer, scaler, data position, RNG)
-    stop_at: int = 0                      # end this run after this step with a checkpoint, keeping the --max-steps schedule (0: run to the end)
-    run_name: str = "sft"                 # run folder runs/<run-name>/ for config.json and log.jsonl
-    wandb: bool = False                   # also log to Weights & Biases
-    wandb_project: str = "gpt2-rlhf"      # W&B project
-    device: str = "auto"                  # auto | cuda | cpu | mps
-    dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 + GradScaler on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
-    compile: bool | None = None           # torch.compile the training forward (default: on for CUDA, off elsewhere)
-    seed: int = 1337                      # seeds the data order
+    run_name: str = "sft"
 
 
 PRESETS = {
@@ -97,22 +86,6 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # model and data
-
-def load_init(init: str, ckpt_dir: str) -> tuple[GPT, dict | None]:
-    """The model to fine-tune: a pretrain/sft checkpoint, or GPT-2 weights through transformers.
-    Returns (model, checkpoint dict or None)."""
-    path = resolve_ckpt(init, ckpt_dir)
-    if path.is_file() or init.endswith(".pt"):
-        ckpt = load_checkpoint(path, INIT_STAGES)
-        if "score_head.weight" in ckpt["model"]:
-            raise UserError(f"{path} holds a score model (reward/value head), not a language model")
-        return build_model(ckpt, GPT), ckpt
-    try:
-        return GPT.from_pretrained(init), None
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--init {init!r} is neither a checkpoint file nor loadable GPT-2 weights: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-
 
 def micro_batches(pairs, sampler: tldr.EpochSampler, micro_batch: int, accum: int):
     """This rank's micro-batches of one optimizer step (idx, targets, mask), drawn up front so that the
@@ -140,21 +113,6 @@ def val_loss(model, pairs, rt, batch_size: int, progress: bool = False) -> float
     return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
 
-def rouge_scorer():
-    """Google's rouge-score (the maintained reimplementation of ROUGE-1.5.5), stemmed, F1 of 1/2/L."""
-    try:
-        from rouge_score import rouge_scorer as rs
-    except ImportError:
-        raise UserError("--rouge-samples needs the rouge-score package: pip install rouge-score") from None
-    return rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-
-
-def rouge(scorer, predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F1 in [0, 1] of predictions against references."""
-    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
-    return {k: sum(s[k].fmeasure for s in scores) / max(1, len(scores)) for k in ("rouge1", "rouge2", "rougeL")}
-
-
 def check_config(cfg: Config):
     check_flags(cfg, positive=("max_prompt_tokens", "max_summary_tokens", "batch_size", "micro_batch", "max_lr",
                                "eval_batch"),
@@ -164,24 +122,61 @@ def check_config(cfg: Config):
         raise UserError("give --max-steps or --epochs")
 
 
+@dataclass
+class SFTData:
+    """Tokenized examples of a run: (prompt, summary) token pairs and the validation posts shown."""
+    train_pairs: list
+    val_pairs: list
+    shown: list           # validation examples summarized at each evaluation
+    sampler: tldr.EpochSampler
+
+
+def load_data(cfg: Config, rt) -> SFTData:
+    train_examples = tldr.load_sft(cfg.data, cfg.train_split)
+    val_examples = tldr.load_sft(cfg.data, cfg.val_split)
+    if cfg.val_examples:
+        val_examples = val_examples[:cfg.val_examples]
+    encode = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_summary_tokens=cfg.max_summary_tokens,
+                  template=tldr.TEMPLATE, progress=rt.master)
+    train_pairs = tldr.encode_sft(train_examples, **encode)
+    return SFTData(train_pairs, tldr.encode_sft(val_examples, **encode),
+                   val_examples[:max(cfg.num_samples, cfg.rouge_samples, cfg.gold_samples)],
+                   tldr.EpochSampler(len(train_pairs), cfg.seed, rt.rank, rt.world_size))
+
+
+def train_step(model, scaler, batches: list, rt) -> tuple[float, float, float]:
+    """Forward and backward of one optimizer step's micro-batches; (mean loss per summary token over
+    every rank, summary tokens, all tokens) of the step."""
+    # every summary token of the step weighs the same, however they fall on micro-batches and ranks
+    counts = torch.tensor([float((t != -1).sum()) for _, t, _ in batches] + [sum(int(m.sum()) for _, _, m in batches)],
+                          device=rt.device)
+    global_counts = all_reduce_sum(counts.clone())
+    n_targets, n_tokens = global_counts[:-1].sum(), global_counts[-1].item()
+    loss_sum = torch.zeros((), device=rt.device)
+    for micro in micro_steps(model, rt, len(batches)):
+        idx, targets, mask = (t.to(rt.device) for t in batches[micro])
+        with rt.autocast():
+            _, loss = model(idx, targets, mask, logits_at="targets")
+        # DDP averages gradients over ranks: scale by world_size so the result is the global token mean
+        loss = loss * counts[micro] / n_targets
+        loss_sum += loss.detach()
+        scaler.scale(loss * rt.world_size).backward()
+    return all_reduce_sum(loss_sum).item(), n_targets.item(), n_tokens
+
+
 def main(cfg: Config) -> dict:
     # --- config
     check_config(cfg)
 
     # --- setup
-    rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
+    rt = init_runtime(cfg)
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="examples")
     best_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
-    use_compile = cfg.compile if cfg.compile is not None else rt.device_type == "cuda"
-    template = tldr.TEMPLATE
-    scorer = rouge_scorer() if cfg.rouge_samples else None
+    scorer = summaries.rouge_scorer() if cfg.rouge_samples else None
 
     # --- model
-    if cfg.resume:
-        ckpt = load_checkpoint(latest_path, STAGE)
-        model = build_model(ckpt, GPT)
-    else:
-        model, _ = load_init(cfg.init, cfg.ckpt_dir)
+    ckpt = load_checkpoint(latest_path, STAGE) if cfg.resume else None
+    model = build_from_checkpoint(ckpt, GPT, where=latest_path) if ckpt else load_lm(cfg.init, cfg.ckpt_dir, INIT_STAGES)[0]
     block_size = model.config.block_size
     if cfg.max_prompt_tokens + cfg.max_summary_tokens > block_size:
         raise UserError(f"--max-prompt-tokens {cfg.max_prompt_tokens} + --max-summary-tokens {cfg.max_summary_tokens} "
@@ -192,64 +187,53 @@ def main(cfg: Config) -> dict:
     scaler = rt.grad_scaler()
 
     # --- data
-    train_examples = tldr.load_sft(cfg.data, cfg.train_split)
-    val_examples = tldr.load_sft(cfg.data, cfg.val_split)
-    if cfg.val_examples:
-        val_examples = val_examples[:cfg.val_examples]
-    encode = dict(max_prompt_tokens=cfg.max_prompt_tokens, max_summary_tokens=cfg.max_summary_tokens, template=template)
-    train_pairs = tldr.encode_sft(train_examples, **encode, progress=rt.master)
-    val_pairs = tldr.encode_sft(val_examples, **encode, progress=rt.master)
-    sampler = tldr.EpochSampler(len(train_pairs), cfg.seed, rt.rank, rt.world_size)
-    shown = val_examples[:max(cfg.num_samples, cfg.rouge_samples, cfg.gold_samples)]
+    data = load_data(cfg, rt)
+    shown = data.shown
 
     # --- schedule
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.batch_size))
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train_pairs) / cfg.batch_size))
     start_step, metrics = 0, {"best_val_loss": float("inf"), "skipped_steps": 0}
-    if cfg.resume:
-        restore_training_state(ckpt, optimizer, scaler, sampler)
+    if ckpt is not None:
+        restore_training_state(ckpt, optimizer, scaler, data.sampler)
         start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
-    model = prepare_for_training(model, rt, use_compile)
-    end = min(max_steps, cfg.stop_at) if cfg.stop_at else max_steps
+    model = prepare_for_training(model, rt, use_compile(cfg, rt))
     peak = rt.peak_tflops()
-    info = tldr.template_info(template, cfg.max_prompt_tokens, cfg.max_summary_tokens)
-    logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
-                       wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
-    mean_len = sum(len(p) + len(s) for p, s in train_pairs) / len(train_pairs)
-    print0(f"sft: {raw.num_params() / 1e6:.2f}M params from {cfg.init if not cfg.resume else latest_path}, "
-           f"{rt.world_size} process(es) on {rt.device_type}, {str(rt.dtype).removeprefix('torch.')}, "
-           f"{len(train_pairs):,} train / {len(val_pairs):,} val examples (mean {mean_len:.0f} tokens), "
-           f"{cfg.batch_size} examples/step = {cfg.micro_batch} x {rt.world_size} rank(s) x {accum} accumulation "
-           f"step(s), steps {start_step}->{end} of {max_steps}, compile {'on' if use_compile else 'off'}")
-    if start_step:
-        print0(f"resumed from {latest_path} at step {start_step} (best val loss so far {metrics['best_val_loss']:.4f})")
-    if start_step >= end:
-        print0(f"nothing to do: the checkpoint is at step {start_step}")
+    info = tldr.template_info(tldr.TEMPLATE, cfg.max_prompt_tokens, cfg.max_summary_tokens)
+    mean_len = sum(len(p) + len(s) for p, s in data.train_pairs) / len(data.train_pairs)
+    run = start_run(cfg, rt, "sft", start_step, max_steps,
+                    f"{raw.num_params() / 1e6:.2f}M params from {cfg.init if not cfg.resume else latest_path}",
+                    f"{len(data.train_pairs):,} train / {len(data.val_pairs):,} val examples (mean {mean_len:.0f} "
+                    f"tokens), {cfg.batch_size} examples/step = {cfg.micro_batch} x {rt.world_size} rank(s) x {accum} "
+                    f"accumulation step(s)", latest_path, f"best val loss so far {metrics['best_val_loss']:.4f}")
+    if run.nothing_to_do:
         return metrics
 
     def save(path, step, with_state: bool):
-        state = dict(optimizer=optimizer, scaler=scaler, data_state=sampler.state_dict(), rng=rng_state()) \
+        state = dict(optimizer=optimizer, scaler=scaler, data_state=data.sampler.state_dict(), rng=rng_state()) \
             if with_state else {}
         save_checkpoint(path, stage=STAGE, model=raw, step=step, config=cfg, metrics=metrics, tldr=info, **state)
 
-    def evaluate(step: int):
-        record = {"val_loss": val_loss(raw, val_pairs, rt, cfg.eval_batch, rt.master)}
+    def evaluate_and_save(step: int):
+        record = {"val_loss": val_loss(raw, data.val_pairs, rt, cfg.eval_batch, rt.master)}
         if rt.master and shown:
-            summaries = tldr.generate_summaries(raw, [e.post for e in shown], rt, cfg.eval_batch, cfg.max_summary_tokens,
-                                                max_prompt_tokens=cfg.max_prompt_tokens, template=template)
-            for e, s in list(zip(shown, summaries))[:cfg.num_samples]:
+            texts = summaries.generate_summaries(raw, [e.post for e in shown], rt, cfg.eval_batch,
+                                                 cfg.max_summary_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
+                                                 template=info["template"])
+            for e, s in list(zip(shown, texts))[:cfg.num_samples]:
                 print0(f"  post:      {e.post.post[:150]!r}...\n  reference: {e.summary!r}\n  generated: {s!r}")
             if cfg.rouge_samples:
-                record.update(rouge(scorer, summaries[:cfg.rouge_samples], [e.summary for e in shown[:cfg.rouge_samples]]))
+                record.update(summaries.rouge(scorer, texts[:cfg.rouge_samples],
+                                              [e.summary for e in shown[:cfg.rouge_samples]]))
             if cfg.gold_samples:
-                record["gold_score"] = tldr.mean_gold_score([e.post for e in shown[:cfg.gold_samples]],
-                                                            summaries[:cfg.gold_samples])
-            logger.log({"samples": [{"reference": e.summary, "generated": s} for e, s in zip(shown, summaries)]},
-                       step, kind="sample", echo=False)
+                record["gold_score"] = summaries.mean_gold_score([e.post for e in shown[:cfg.gold_samples]],
+                                                                 texts[:cfg.gold_samples])
+            run.logger.log({"samples": [{"reference": e.summary, "generated": s} for e, s in zip(shown, texts)]},
+                           step, kind="sample", echo=False)
         improved = record["val_loss"] < metrics["best_val_loss"]
         metrics.update(record)
         if improved:
             metrics.update(best_val_loss=record["val_loss"], best_step=step)
-        logger.log({**record, "best_val_loss": metrics["best_val_loss"]}, step, kind="eval")
+        run.logger.log({**record, "best_val_loss": metrics["best_val_loss"]}, step, kind="eval")
         if rt.master:
             if improved:
                 save(best_path, step, with_state=False)
@@ -258,55 +242,29 @@ def main(cfg: Config) -> dict:
 
     # --- loop
     if start_step == 0:
-        evaluate(0)
-    for step in range(start_step, end):
-        t0 = time.time()
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        batches = micro_batches(train_pairs, sampler, cfg.micro_batch, accum)
-        # every summary token of the step weighs the same, however they fall on micro-batches and ranks
-        counts = torch.tensor([float((t != -1).sum()) for _, t, _ in batches] + [sum(int(m.sum()) for _, _, m in batches)],
-                              device=rt.device)
-        global_counts = all_reduce_sum(counts.clone())
-        n_targets, n_tokens = global_counts[:-1].sum(), global_counts[-1].item()
-        loss_sum = torch.zeros((), device=rt.device)
-        for micro, (idx, targets, mask) in enumerate(batches):
-            idx, targets, mask = idx.to(rt.device), targets.to(rt.device), mask.to(rt.device)
-            # gradients are all-reduced only on the last micro-step; the choice is made before the forward
-            sync = not rt.ddp or micro == accum - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with rt.autocast():
-                    _, loss = model(idx, targets, mask, logits_at="targets")
-                # DDP averages gradients over ranks: scale by world_size so the result is the global token mean
-                loss = loss * counts[micro] / n_targets
-                loss_sum += loss.detach()
-                scaler.scale(loss * rt.world_size).backward()
-        train_loss = all_reduce_sum(loss_sum).item()
+        evaluate_and_save(0)
+    for step in range(start_step, run.end):
+        t0 = begin_step(model, optimizer)
+        batches = micro_batches(data.train_pairs, data.sampler, cfg.micro_batch, accum)
+        train_loss, n_targets, n_tokens = train_step(model, scaler, batches, rt)
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, max_steps)
-        grad_norm, skipped = optimizer_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step)
-        metrics["skipped_steps"] += int(skipped)
-        if rt.device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        tok_per_s = n_tokens / dt
-        record = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1000, "tok_per_s": tok_per_s}
+        record = update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics)
+        dt = step_seconds(rt, t0)
+        record.update(dt_ms=dt * 1000, tok_per_s=n_tokens / dt)
         if peak:  # the vocabulary projection runs at summary positions only: count its FLOPs there only
-            lm_head_flops = 6 * raw.lm_head.weight.numel() * (n_tokens - n_targets.item())
+            lm_head_flops = 6 * raw.lm_head.weight.numel() * (n_tokens - n_targets)
             flops_per_token = raw.flops_per_token(int(n_tokens / cfg.batch_size)) - lm_head_flops / n_tokens
-            record["mfu"] = mfu(flops_per_token, tok_per_s / rt.world_size, peak)
-        if scaler.is_enabled():
-            record["skipped_steps"] = metrics["skipped_steps"]
-        logger.log(record, step)
+            record["mfu"] = mfu(flops_per_token, record["tok_per_s"] / rt.world_size, peak)
+        run.log_step(record, step, scaler, metrics)
         metrics["train_loss"] = train_loss
 
         done = step + 1
-        if done == max_steps or (cfg.eval_every and done % cfg.eval_every == 0):
-            evaluate(done)
-        elif done == end and rt.master:  # --stop-at between evaluations: only what --resume needs
+        if run.is_due(done, cfg.eval_every):
+            evaluate_and_save(done)
+        elif run.is_last(done) and rt.master:  # --stop-at between evaluations: only what --resume needs
             save(latest_path, done, with_state=True)
-            print0(f"saved {latest_path} (step {done})")
-    logger.finish()
-    return metrics
+            run.saved(latest_path, done)
+    return run.finish(metrics)
 
 
 if __name__ == "__main__":

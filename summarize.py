@@ -20,12 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+import summaries
 import tldr
-from common import UserError, cli_main, compute_init, die, load_checkpoint, resolve_ckpt
-from model import GPT, build_model
-
-STAGES = ("ppo", "sft")
-DEFAULT_CKPT, FALLBACK_CKPT = "ppo_latest.pt", "best_sft.pt"
+from common import UserError, cli_main, compute_init, die
+from summaries import DEFAULT_CKPT, Summarizer, find_summarizer_path
 
 
 @dataclass
@@ -93,19 +91,6 @@ def read_post(text: str) -> str:
     return text
 
 
-def find_checkpoint(cfg: Config) -> dict:
-    """The --ckpt checkpoint; for the default name, best_sft.pt with a note when no PPO run exists yet."""
-    if cfg.ckpt == DEFAULT_CKPT and not resolve_ckpt(cfg.ckpt, cfg.ckpt_dir).is_file():
-        fallback = resolve_ckpt(FALLBACK_CKPT, cfg.ckpt_dir)
-        if not fallback.is_file():
-            raise UserError(f"no summarizer: neither {resolve_ckpt(DEFAULT_CKPT, cfg.ckpt_dir)} (ppo.py) nor {fallback} "
-                            f"(sft.py) exists; train one or pass --ckpt / --ckpt-dir")
-        print(f"note: {resolve_ckpt(DEFAULT_CKPT, cfg.ckpt_dir)} not found; using the SFT model {fallback}",
-              file=sys.stderr, flush=True)
-        return load_checkpoint(fallback, STAGES)
-    return load_checkpoint(cfg.ckpt, STAGES, ckpt_dir=cfg.ckpt_dir)
-
-
 def check_config(cfg: Config):
     if cfg.temperature < 0:
         raise UserError(f"--temperature must not be negative, got {cfg.temperature}")
@@ -117,29 +102,6 @@ def check_config(cfg: Config):
         raise UserError("--num-samples > 1 needs --temperature > 0 (greedy decoding gives one summary)")
 
 
-@dataclass
-class Summarizer:
-    """A summarizer checkpoint ready to generate: the model on its device and the prompt template and token
-    budgets it was trained with (the checkpoint's "tldr" entry). summarize.py and serve.py both build prompts
-    through it, so a post becomes the same tokens in either."""
-    model: GPT
-    info: dict            # template, max_prompt_tokens, max_summary_tokens
-    stage: str
-    step: int
-    metrics: dict
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict, device) -> "Summarizer":
-        model = build_model(ckpt, GPT, dropout=0.0).to(device).eval()
-        return cls(model, ckpt.get("tldr") or tldr.template_info(), ckpt["stage"], int(ckpt.get("step", 0)),
-                   dict(ckpt.get("metrics") or {}))
-
-    def prompt(self, post: tldr.Post, max_new_tokens: int) -> tuple[list[int], bool]:
-        """(prompt tokens, whether the post was cut to fit) for a summary of up to max_new_tokens."""
-        budget = tldr.prompt_budget(self.model.config.block_size, max_new_tokens, self.info["max_prompt_tokens"])
-        return tldr.prompt_tokens(post, budget, self.info["template"])
-
-
 def main(cfg: Config) -> list[str]:
     # --- config
     check_config(cfg)
@@ -147,30 +109,28 @@ def main(cfg: Config) -> list[str]:
     post = tldr.Post(text, cfg.title.strip(), cfg.subreddit.strip().removeprefix("r/"))
 
     # --- model: the checkpoint's weights and the prompt template it was trained with
-    ckpt = find_checkpoint(cfg)
+    path = find_summarizer_path(cfg.ckpt, cfg.ckpt_dir, note=lambda text: print(text, file=sys.stderr, flush=True))
     rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
-    summarizer = Summarizer.from_checkpoint(ckpt, rt.device)
+    summarizer = Summarizer.load(path, rt.device)
     info = summarizer.info
-    max_new = cfg.max_new_tokens or info["max_summary_tokens"]
+    max_new = cfg.max_new_tokens or summarizer.budget
 
     # --- prompt: truncated exactly as generate_summaries will, to say so
     ids, truncated = summarizer.prompt(post, max_new)
     if truncated:
         full = len(tldr.prompt_tokens(post, 10 ** 9, info["template"])[0])
-        budget = tldr.prompt_budget(summarizer.model.config.block_size, max_new, info["max_prompt_tokens"])
+        budget = summaries.prompt_budget(summarizer.model.config.block_size, max_new, info["max_prompt_tokens"])
         print(f"note: the prompt is {full} tokens, over the model's {budget}-token budget; the post was cut to fit "
               f"({len(ids)} tokens), as in training", file=sys.stderr, flush=True)
 
     # --- generate
     generator = torch.Generator(device=rt.device).manual_seed(cfg.seed) if cfg.temperature > 0 else None
-    summaries = tldr.generate_summaries(summarizer.model, [post] * cfg.num_samples, rt, batch_size=cfg.num_samples,
-                                        max_new_tokens=max_new, temperature=cfg.temperature,
-                                        max_prompt_tokens=info["max_prompt_tokens"], template=info["template"],
-                                        top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None,
-                                        generator=generator)
-    for s in summaries:
-        print(s, flush=True)
-    return summaries
+    texts, _ = summarizer.summarize([post] * cfg.num_samples, rt, batch_size=cfg.num_samples, max_new_tokens=max_new,
+                                    temperature=cfg.temperature, top_k=cfg.top_k or None,
+                                    top_p=cfg.top_p if cfg.top_p < 1 else None, generator=generator)
+    for text in texts:
+        print(text, flush=True)
+    return texts
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from common import UserError, atomic_write, cli_main, get_tokenizer
+from common import UserError, atomic_write, cli_main, get_tokenizer, write_text
 
 SPLITS = ("train", "valid", "test")
 
@@ -476,7 +476,7 @@ def gold_score(post_text: str, summary: str) -> float:
 
 
 @dataclass
-class Post:
+class WorldPost:
     id: str
     split: str
     subreddit: str
@@ -519,7 +519,7 @@ def _age_tag(rng: random.Random, gender: str, who: str | None = None) -> str:
     return f" ({rng.randint(lo, hi)}{gender.upper()})"
 
 
-def render_post(rng: random.Random, slots: dict, post_id: str = "t3_0", split: str = "train") -> Post:
+def render_post(rng: random.Random, slots: dict, post_id: str = "t3_0", split: str = "train") -> WorldPost:
     """A post (title, body, reference summary) for the given slots, through randomly chosen templates."""
     problem = PROBLEMS[slots["problem"]]
     who, pron = slots["who"], PRONOUNS[slots["gender"]]
@@ -550,7 +550,7 @@ def render_post(rng: random.Random, slots: dict, post_id: str = "t3_0", split: s
     title = rng.choice((f"My {who} {pres}", f"Need advice about my {who}", f"{_cap(who)} problems, what should I do?",
                         f"How do I handle this with my {who}?", "Not sure what to do anymore", "Is this normal?"))
     summary = reference_summary(rng, slots)
-    return Post(id=post_id, split=split, subreddit=problem.subreddit, title=title, post="\n\n".join(paragraphs),
+    return WorldPost(id=post_id, split=split, subreddit=problem.subreddit, title=title, post="\n\n".join(paragraphs),
                 summary=summary, slots=dict(slots), distractors=distractors)
 
 
@@ -580,7 +580,7 @@ def reference_summary(rng: random.Random, slots: dict, exclude: str | None = Non
     return text
 
 
-def make_world(seed: int = 0, num_posts: int = 4000, valid_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[Post]]:
+def make_world(seed: int = 0, num_posts: int = 4000, valid_frac: float = 0.1, test_frac: float = 0.1) -> dict[str, list[WorldPost]]:
     """{"train": [...], "valid": [...], "test": [...]} posts; splits never share a post."""
     sizes = split_sizes(num_posts, valid_frac, test_frac)
     rng = random.Random(f"{seed}:posts")
@@ -623,7 +623,7 @@ DEGRADATIONS = ("missing", "wrong", "long", "copy", "truncated")
 CANDIDATE_KINDS = ("ref", "good") + DEGRADATIONS
 
 
-def summary_variant(post: Post, kind: str, rng: random.Random) -> str:
+def summary_variant(post: WorldPost, kind: str, rng: random.Random) -> str:
     """A candidate summary of `post`: "ref" (the reference), "good" (a mildly different good one), or a
     degraded one - "missing" (a key slot left out), "wrong" (a slot contradicts the post), "long"
     (rambling), "copy" (a distractor sentence copied from the post), "truncated" (cut mid-sentence)."""
@@ -674,8 +674,8 @@ def summary_variant(post: Post, kind: str, rng: random.Random) -> str:
 
 
 @dataclass
-class Comparison:
-    post: Post
+class WorldComparison:
+    post: WorldPost
     chosen: str               # no leading space
     rejected: str
     chosen_kind: str
@@ -685,8 +685,8 @@ class Comparison:
     flipped: bool             # True: a noisy label, the rater preferred the worse summary
 
 
-def make_comparisons(posts: list[Post], num: int, seed: int = 0, label_noise: float = 0.1,
-                     split: str = "train") -> list[Comparison]:
+def make_comparisons(posts: list[WorldPost], num: int, seed: int = 0, label_noise: float = 0.1,
+                     split: str = "train") -> list[WorldComparison]:
     """`num` preference pairs over `posts`: two candidates of different quality, the better by gold_score
     is chosen, except that each label is flipped with probability `label_noise` (`.flipped` says which)."""
     rng = random.Random(f"{seed}:comparisons:{split}")
@@ -703,7 +703,7 @@ def make_comparisons(posts: list[Post], num: int, seed: int = 0, label_noise: fl
         a_chosen, sa, sb, flipped = rated
         if not a_chosen:
             a, b, ta, tb, sa, sb = b, a, tb, ta, sb, sa
-        pairs.append(Comparison(post, ta, tb, a, b, sa, sb, flipped))
+        pairs.append(WorldComparison(post, ta, tb, a, b, sa, sb, flipped))
     return pairs
 
 
@@ -922,15 +922,15 @@ def fineweb_rows(docs: list[str], seed: int = 0) -> list[dict]:
 # writers
 
 
-def tldr_row(post: Post) -> dict:
+def tldr_row(post: WorldPost) -> dict:
     return {"prompt": post.prompt, "label": post.summary}
 
 
-def tldr_raw_row(post: Post) -> dict:
+def tldr_raw_row(post: WorldPost) -> dict:
     return {"id": post.id, "subreddit": post.subreddit, "title": post.title, "post": post.post, "summary": post.summary}
 
 
-def comparison_row(c: Comparison) -> dict:
+def comparison_row(c: WorldComparison) -> dict:
     p = c.post
     return {"prompt": comparison_prompt(p.subreddit, p.title, p.post), "chosen": f"TL;DR: {c.chosen}",
             "rejected": f"TL;DR: {c.rejected}"}
@@ -941,7 +941,7 @@ _POLICY = {"ref": "ref", "good": "sup_good", "missing": "sup_missing", "wrong": 
            "copy": "sup_copy", "truncated": "sup_truncated"}
 
 
-def comparison_raw_row(c: Comparison, rng: random.Random) -> dict:
+def comparison_raw_row(c: WorldComparison, rng: random.Random) -> dict:
     p = c.post
     chosen = {"text": f" {c.chosen}", "policy": _POLICY[c.chosen_kind], "note": None}
     rejected = {"text": f" {c.rejected}", "policy": _POLICY[c.rejected_kind], "note": None}
@@ -1015,7 +1015,7 @@ def write_all(out_dir: str | Path, seed: int = 0, num_posts: int = 4000, valid_f
     manifest = {"seed": seed, "posts": {s: len(world[s]) for s in SPLITS}, "label_noise": label_noise,
                 "label_noise_applied": applied, "zeroshot_problems": sorted(zeroshot_problems(seed)), **sizes}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write(out / "manifest.json", lambda f: f.write(text.encode("utf-8")), "wb")
+    write_text(out / "manifest.json", text)
     paths["manifest"] = out / "manifest.json"
     return paths
 

@@ -1,7 +1,7 @@
-"""TL;DR posts and preference comparisons: loading, the prompt template, truncation, tokenization,
-batching, greedy summaries and (on generated data) their gold score. Shared by sft.py,
-reward_model.py, ppo.py and summarize.py - one implementation of the prompt the policy sees, the
-reward model scores and the CLI serves.
+"""TL;DR posts and preference comparisons: loading, the prompt template, truncation, tokenization and
+training batches. Shared by every stage that reads posts - one implementation of the prompt the policy
+sees, the reward model scores and the server serves (generation and the measures of summaries live in
+summaries.py).
 
 Sources (`--data`):
 - a Hugging Face dataset name: `CarperAI/openai_summarize_tldr` (SFT: `prompt`, `label`),
@@ -17,7 +17,6 @@ warning line on stderr and skipped; a split with no usable row is a UserError.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import sys
@@ -27,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, get_tokenizer
-from model import EOS_ID, PAD_ID
+from common import UserError, first_line, get_tokenizer, jsonl_rows
+from model import EOS_ID, right_pad
 
 TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
 MAX_PROMPT_TOKENS = 512
@@ -163,15 +162,6 @@ def strip_summary_prefix(text: str) -> str:
     return text[len("TL;DR:"):].strip() if text.startswith("TL;DR:") else text
 
 
-def decode_summary(tokens: list[int], tokenizer=None) -> str:
-    """Generated summary tokens → text, up to (not including) the first EOS, stripped."""
-    tokens = list(tokens)
-    if EOS_ID in tokens:
-        tokens = tokens[:tokens.index(EOS_ID)]
-    tok = tokenizer or get_tokenizer()
-    return tok.decode([t for t in tokens if t < EOS_ID]).strip()
-
-
 # -----------------------------------------------------------------------------
 # loading
 
@@ -202,27 +192,18 @@ def _load_local(path: Path) -> list[dict | None]:
         try:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for a damaged file
-            raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot read {path}: {first_line(e)}") from None
     if text.lstrip().startswith("["):  # a .json file holding one list of rows
         try:
             rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"cannot read {path}: {_first_line(e)}") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"cannot read {path}: {first_line(e)}") from None
         return [r if isinstance(r, dict) else None for r in rows]
-    out: list[dict | None] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        out.append(row if isinstance(row, dict) else None)
-    return out
+    return jsonl_rows(text)
 
 
 def _load_hub(name: str, split_names: tuple[str, ...]) -> list[dict]:
@@ -230,16 +211,11 @@ def _load_hub(name: str, split_names: tuple[str, ...]) -> list[dict]:
     try:
         available = datasets.get_dataset_split_names(name)
     except Exception as e:  # offline, unknown name, gated: datasets raises many types
-        raise UserError(f"cannot load dataset {name} (offline? pass --data with local files): {_first_line(e)}") from None
+        raise UserError(f"cannot load dataset {name} (offline? pass --data with local files): {first_line(e)}") from None
     split = next((s for s in split_names if s in available), None)
     if split is None:
         raise UserError(f"dataset {name} has splits {available}, none of {list(split_names)}")
     return list(datasets.load_dataset(name, split=split))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def _schema(rows: list[dict | None], schemas: tuple[set, ...], what: str, source: str, expected: str) -> set:
@@ -265,76 +241,78 @@ def _post_from_row(row: dict) -> Post:
                 subreddit=(info.get("subreddit") or "").strip())
 
 
-def load_sft(data: str, split: str) -> list[SFTExample]:
-    """Posts with reference summaries; bad rows are counted, reported on stderr and skipped."""
+class _Skip(Exception):
+    """A row that is left out, with the reason it is counted under."""
+
+
+def _load_split(data: str, split: str, schemas: tuple[set, ...], what: str, expected: str, label: str,
+                convert) -> list:
+    """The rows of one split as `convert(row, schema)` makes them; a row it refuses (_Skip), an unreadable
+    line and a row missing a field are counted by reason, reported in one line on stderr and skipped."""
     rows, source = _read_rows(data, split)
     stats, out = LoadStats(rows=len(rows)), []
-    schema = _schema(rows, SFT_SCHEMAS, "SFT", source, "prompt/label (CarperAI) or subreddit/title/post/summary (OpenAI)")
+    schema = _schema(rows, schemas, what, source, expected)
     for row in rows:
-        if row is None:
-            stats.skip("unreadable line")
-            continue
-        if not schema <= row.keys():
-            stats.skip("missing field")
-            continue
         try:
-            post = _post_from_row(row)
-        except (ValueError, TypeError, AttributeError):
-            stats.skip("malformed prompt")
-            continue
-        summary = row.get("label", row.get("summary"))
-        if not post.post:
-            stats.skip("empty post")
-        elif not isinstance(summary, str) or not summary.strip():
-            stats.skip("empty summary")
-        else:
-            out.append(SFTExample(post, summary.strip()))
+            if row is None:
+                raise _Skip("unreadable line")
+            if not schema <= row.keys():
+                raise _Skip("missing field")
+            out.append(convert(row, schema))
+        except _Skip as skip:
+            stats.skip(str(skip))
     stats.kept = len(out)
-    stats.report("SFT rows", source)
+    stats.report(label, source)
     if not out:
-        raise UserError(f"no usable SFT rows in {source}")
+        raise UserError(f"no usable {label} in {source}")
     return out
+
+
+def _sft_example(row: dict, schema: set) -> SFTExample:
+    try:
+        post = _post_from_row(row)
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        raise _Skip("malformed prompt") from None
+    summary = row.get("label", row.get("summary"))
+    if not post.post:
+        raise _Skip("empty post")
+    if not isinstance(summary, str) or not summary.strip():
+        raise _Skip("empty summary")
+    return SFTExample(post, summary.strip())
+
+
+def _comparison(row: dict, schema: set) -> Comparison:
+    try:
+        post = _post_from_row(row)
+        if "chosen" in schema:
+            chosen, rejected = strip_summary_prefix(row["chosen"]), strip_summary_prefix(row["rejected"])
+        else:
+            choice = int(row["choice"])
+            texts = [s["text"] for s in row["summaries"]]
+            if len(texts) != 2 or choice not in (0, 1):
+                raise ValueError("need two summaries and choice 0 or 1")
+            chosen, rejected = texts[choice].strip(), texts[1 - choice].strip()
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        raise _Skip("malformed row") from None
+    if not post.post:
+        raise _Skip("empty post")
+    if not chosen or not rejected:
+        raise _Skip("empty summary")
+    if chosen == rejected:
+        raise _Skip("identical summaries")
+    return Comparison(post, chosen, rejected)
+
+
+def load_sft(data: str, split: str) -> list[SFTExample]:
+    """Posts with reference summaries; bad rows are counted, reported on stderr and skipped."""
+    return _load_split(data, split, SFT_SCHEMAS, "SFT", "prompt/label (CarperAI) or subreddit/title/post/summary (OpenAI)",
+                       "SFT rows", _sft_example)
 
 
 def load_comparisons(data: str, split: str) -> list[Comparison]:
     """Preference pairs; identical or empty summaries and bad rows are counted and dropped."""
-    rows, source = _read_rows(data, split)
-    stats, out = LoadStats(rows=len(rows)), []
-    schema = _schema(rows, COMPARISON_SCHEMAS, "comparisons", source,
-                     "prompt/chosen/rejected (CarperAI) or info/summaries/choice (OpenAI)")
-    for row in rows:
-        if row is None:
-            stats.skip("unreadable line")
-            continue
-        if not schema <= row.keys():
-            stats.skip("missing field")
-            continue
-        try:
-            post = _post_from_row(row)
-            if "chosen" in schema:
-                chosen, rejected = strip_summary_prefix(row["chosen"]), strip_summary_prefix(row["rejected"])
-            else:
-                choice = int(row["choice"])
-                texts = [s["text"] for s in row["summaries"]]
-                if len(texts) != 2 or choice not in (0, 1):
-                    raise ValueError("need two summaries and choice 0 or 1")
-                chosen, rejected = texts[choice].strip(), texts[1 - choice].strip()
-        except (ValueError, TypeError, KeyError, AttributeError):
-            stats.skip("malformed row")
-            continue
-        if not post.post:
-            stats.skip("empty post")
-        elif not chosen or not rejected:
-            stats.skip("empty summary")
-        elif chosen == rejected:
-            stats.skip("identical summaries")
-        else:
-            out.append(Comparison(post, chosen, rejected))
-    stats.kept = len(out)
-    stats.report("comparisons", source)
-    if not out:
-        raise UserError(f"no usable comparisons in {source}")
-    return out
+    return _load_split(data, split, COMPARISON_SCHEMAS, "comparisons",
+                       "prompt/chosen/rejected (CarperAI) or info/summaries/choice (OpenAI)", "comparisons", _comparison)
 
 
 class EpochSampler:
@@ -378,29 +356,6 @@ class EpochSampler:
 # -----------------------------------------------------------------------------
 # batching
 
-def left_pad(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) tokens and 0/1 mask, padding on the left: the layout generation needs."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            idx[i, T - len(s):] = torch.tensor(s)
-            mask[i, T - len(s):] = 1
-    return idx, mask
-
-
-def right_pad(seqs: list[list[int]], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) tokens and 0/1 mask, padding on the right: the layout training uses."""
-    T = max(len(s) for s in seqs)
-    idx = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        idx[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return idx, mask
-
-
 def sft_batch(pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt, summary) token pairs → right-padded idx, next-token targets that are -1 everywhere
     but on the summary tokens (its EOS included), and the attention mask."""
@@ -427,88 +382,3 @@ def template_info(template: str = TEMPLATE, max_prompt_tokens: int = MAX_PROMPT_
                   max_summary_tokens: int = MAX_SUMMARY_TOKENS) -> dict:
     """What a checkpoint keeps so that later stages and summarize.py build the same prompts."""
     return {"template": template, "max_prompt_tokens": max_prompt_tokens, "max_summary_tokens": max_summary_tokens}
-
-
-# -----------------------------------------------------------------------------
-# summaries from a model, and their gold score on generated data
-
-def prompt_budget(block_size: int, max_new_tokens: int, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> int:
-    """Prompt tokens a model can take when it will add max_new_tokens: the checkpoint's prompt budget, or
-    less where the context is shorter (every summarizer, CLI and server, cuts posts to this)."""
-    budget = min(max_prompt_tokens, block_size - max_new_tokens)
-    if budget <= 0:
-        raise UserError(f"the model's block size {block_size} leaves no room for a prompt and "
-                        f"{max_new_tokens} new tokens")
-    return budget
-
-
-@torch.no_grad()
-def generate_summaries(model, posts: list[Post | str], rt=None, batch_size: int = 16,
-                       max_new_tokens: int = MAX_SUMMARY_TOKENS, temperature: float = 0.0,
-                       max_prompt_tokens: int = MAX_PROMPT_TOKENS, template: str = TEMPLATE,
-                       top_k: int | None = None, top_p: float | None = None,
-                       generator: torch.Generator | None = None, progress: bool = False) -> list[str]:
-    """Summaries of posts (a Post, or a bare post text) from a GPT: prompts built by prompt_tokens,
-    left-padded, decoded with the KV cache (temperature 0: greedy), text up to the first EOS.
-
-    rt (a common.Runtime) supplies autocast; without it the model's own device and dtype are used.
-    Prompts are batched by length to waste little padding; the result keeps the order of posts."""
-    return generate_summaries_and_ends(model, posts, rt, batch_size, max_new_tokens, temperature, max_prompt_tokens,
-                                       template, top_k, top_p, generator, progress)[0]
-
-
-@torch.no_grad()
-def generate_summaries_and_ends(model, posts: list[Post | str], rt=None, batch_size: int = 16,
-                                max_new_tokens: int = MAX_SUMMARY_TOKENS, temperature: float = 0.0,
-                                max_prompt_tokens: int = MAX_PROMPT_TOKENS, template: str = TEMPLATE,
-                                top_k: int | None = None, top_p: float | None = None,
-                                generator: torch.Generator | None = None,
-                                progress: bool = False) -> tuple[list[str], list[bool]]:
-    """generate_summaries, and for each summary whether the model ended it (emitted EOS) rather than
-    running into max_new_tokens - which the text alone does not tell."""
-    from tqdm import tqdm
-    if not posts:
-        return [], []
-    posts = [p if isinstance(p, Post) else Post(str(p)) for p in posts]
-    device = next(model.parameters()).device
-    budget = prompt_budget(model.config.block_size, max_new_tokens, max_prompt_tokens)
-    tok = get_tokenizer()
-    prompts = [prompt_tokens(p, budget, template, tok)[0] for p in posts]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    ended: list[bool] = [False] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, len(order), batch_size), desc="summaries", leave=False, disable=not progress):
-            rows = order[start:start + batch_size]
-            idx, mask = left_pad([prompts[i] for i in rows])
-            with rt.autocast() if rt is not None else contextlib.nullcontext():
-                tokens, _, new_mask = model.generate(idx.to(device), mask.to(device), max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_k=top_k, top_p=top_p,
-                                                     generator=generator)
-            for i, row, m in zip(rows, tokens.cpu(), new_mask.cpu()):
-                new = row[m.bool()].tolist()
-                out[i], ended[i] = decode_summary(new, tok), EOS_ID in new
-    finally:
-        model.train(was_training)
-    return out, ended
-
-
-def gold_breakdowns(posts: list[Post], summaries: list[str]) -> list[dict]:
-    """synthetic.gold_breakdown of each summary against its whole prompt (score, covered, wrong, ...).
-    Meaningful only on posts of the generated world (synthetic.py); on real Reddit posts it measures nothing."""
-    import synthetic
-    if len(posts) != len(summaries):
-        raise ValueError(f"{len(posts)} posts but {len(summaries)} summaries")
-    return [synthetic.gold_breakdown(render_prompt(p), s) for p, s in zip(posts, summaries)]
-
-
-def gold_scores(posts: list[Post], summaries: list[str]) -> list[float]:
-    """The gold score of each summary (gold_breakdowns' "score")."""
-    return [b["score"] for b in gold_breakdowns(posts, summaries)]
-
-
-def mean_gold_score(posts: list[Post], summaries: list[str]) -> float:
-    scores = gold_scores(posts, summaries)
-    return sum(scores) / len(scores) if scores else float("nan")

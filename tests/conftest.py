@@ -13,10 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import fineweb  # noqa: E402  (the environment above is set before any project module loads)
+import ppo  # noqa: E402
+import pretrain  # noqa: E402
+import reward_model  # noqa: E402
+import sft  # noqa: E402
+import synthetic  # noqa: E402
+from common import config_from  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
 
 @pytest.fixture
 def tiny_config():
-    from model import GPTConfig
     return GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64)
 
 
@@ -30,6 +38,35 @@ def skip_without_cpu_fp16():
         pytest.skip("this torch has no CPU float16 autocast")
 
 
+def rig_unigram(model, logits):
+    """Make a GPT - ours or transformers' GPT2LMHeadModel - ignore its context: ln_f outputs the unit vector
+    e0 whatever comes in, so the next-token logits are wte[:, 0], set to `logits`. A model whose every
+    prediction is known by hand."""
+    import torch
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+        model.transformer.ln_f.bias[0] = 1.0
+        model.transformer.wte.weight[:, 0] = logits
+    return model
+
+
+def unigram_gpt(boost: dict, config, seed: int = 0):
+    """A rigged GPT of `config` (rig_unigram) whose next-token logit is boost[word] for each one-token word
+    and 0 for every other token."""
+    import torch
+    from common import get_tokenizer
+    from model import GPT
+    torch.manual_seed(seed)
+    model = GPT(config)
+    enc = get_tokenizer()
+    logits = torch.zeros(config.vocab_size)
+    for word, value in boost.items():
+        (tok,) = enc.encode_ordinary(word)
+        logits[tok] = value
+    return rig_unigram(model, logits)
+
+
 def run_script(args, cwd=None, env=None, timeout=300):
     """Run a project script in a fresh interpreter, as a user would; returns CompletedProcess."""
     import subprocess
@@ -38,15 +75,98 @@ def run_script(args, cwd=None, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-# Session fixtures that several stages share (a pretrained small model, an SFT model, ...) live in
-# tests/fixtures_<stage>.py next to the stage that owns them; they are gathered here so pytest finds them.
-def _gather_fixture_modules():
-    import importlib
-    for path in sorted(Path(__file__).parent.glob("fixtures_*.py")):
-        module = importlib.import_module(path.stem)
-        for name, value in vars(module).items():
-            if hasattr(value, "_fixture_function_marker") or type(value).__name__ == "FixtureFunctionDefinition":
-                globals()[name] = value
+# The session fixtures below are the generated world's test chain, trained once per session and shared by
+# every stage's tests: data -> pretrain -> SFT -> reward model -> PPO.
+
+# -----------------------------------------------------------------------------
+# The generated world every stage's tests train and evaluate on (written once per test session).
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.write_all(out, seed=0)
+    return out
 
 
-_gather_fixture_modules()
+# -----------------------------------------------------------------------------
+# Session fixtures of the pretraining stage: fineweb.py shards of the generated world, and a `small` model
+# pretrained on them (what the HellaSwag tests evaluate and the SFT tests fine-tune).
+
+SMALL_STEPS = 300  # `small` steps (x 512 tokens, under two minutes): the model knows the world's facts and actions
+
+
+@pytest.fixture(scope="session")
+def pretrain_shards(synthetic_dir, tmp_path_factory):
+    """fineweb.py --preset small on the generated pretrain.jsonl: val_000000.npy + train shards."""
+    out = tmp_path_factory.mktemp("pretrain_shards")
+    cfg = config_from(fineweb.Config, fineweb.PRESETS, "small", input=[str(synthetic_dir / "pretrain.jsonl")],
+                      out_dir=str(out), workers=1)
+    fineweb.main(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_pretrain_ckpt(pretrain_shards, tmp_path_factory):
+    """Path of a stage-"pretrain" checkpoint: pretrain.py --preset small for SMALL_STEPS steps."""
+    out = tmp_path_factory.mktemp("small_pretrain")
+    cfg = config_from(pretrain.Config, pretrain.PRESETS, "small", data_dir=str(pretrain_shards),
+                      max_steps=SMALL_STEPS, eval_every=0, save_every=0, hellaswag_path="", num_samples=0,
+                      ckpt=str(out / "pretrain.pt"), run_name=str(out / "run"))
+    pretrain.main(cfg)
+    return out / "pretrain.pt"
+
+
+# -----------------------------------------------------------------------------
+# Session fixture of the SFT stage: the `small` pretrained model fine-tuned on the generated TL;DR posts
+# (what test_sft checks against the gold score and the reward-model tests start from).
+
+SFT_STEPS = 100  # `small` steps (x 16 examples, half an epoch): greedy summaries clearly beat the pretrained model's
+
+
+@pytest.fixture(scope="session")
+def small_sft_ckpt(small_pretrain_ckpt, synthetic_dir, tmp_path_factory):
+    """Path of a stage-"sft" checkpoint (best_sft.pt): sft.py --preset small for SFT_STEPS steps."""
+    out = tmp_path_factory.mktemp("small_sft")
+    cfg = config_from(sft.Config, sft.PRESETS, "small", init=str(small_pretrain_ckpt), data=str(synthetic_dir / "tldr"),
+                      max_steps=SFT_STEPS, eval_every=0, val_examples=64, num_samples=0, ckpt_dir=str(out),
+                      run_name=str(out / "run"))
+    sft.main(cfg)
+    return out / "best_sft.pt"
+
+
+# -----------------------------------------------------------------------------
+# Session fixture of the reward-model stage: a `small` reward model trained from the small SFT model on the
+# generated comparisons (10% label noise) - what the reward-model tests check and PPO's tests load.
+
+SMALL_RM_STEPS = 120  # x 16 pairs: about half an epoch of the 4,000 generated train pairs
+
+
+@pytest.fixture(scope="session")
+def small_rm_ckpt(small_sft_ckpt, synthetic_dir, tmp_path_factory):
+    """Path of a stage-"reward_model" checkpoint: reward_model.py --preset small for SMALL_RM_STEPS steps,
+    validated on all 500 valid pairs at the end, normalised on the 400 valid reference summaries."""
+    out = tmp_path_factory.mktemp("small_rm")
+    cfg = config_from(reward_model.Config, reward_model.PRESETS, "small", init=str(small_sft_ckpt),
+                      data=str(synthetic_dir / "comparisons"), sft_data=str(synthetic_dir / "tldr"),
+                      max_steps=SMALL_RM_STEPS, eval_every=0, save_every=0, ckpt_dir=str(out),
+                      run_name=str(out / "run"))
+    reward_model.main(cfg)
+    return out / "reward_model.pt"
+
+
+# -----------------------------------------------------------------------------
+# Session fixture of the PPO stage: the `small` PPO run of the generated world's test chain (SFT fixture ->
+# reward-model fixture -> PPO), what test_ppo checks learning on and the evaluation stage's oracle-judge
+# test compares with the SFT model.
+
+SMALL_PPO = dict(ppo_epochs=2, max_steps=8)  # the preset's 4 epochs and 12 steps would not fit the suite's time
+
+
+@pytest.fixture(scope="session")
+def small_ppo_run(small_sft_ckpt, small_rm_ckpt, synthetic_dir, tmp_path_factory):
+    """(folder holding ppo_latest.pt and the run's log in run/, ppo.main's metrics, its Config)."""
+    out = tmp_path_factory.mktemp("small_ppo")
+    cfg = config_from(ppo.Config, ppo.PRESETS, "small", sft=str(small_sft_ckpt), rm=str(small_rm_ckpt),
+                      data=str(synthetic_dir / "tldr"), eval_every=0, sample_every=0, save_every=0, ckpt_dir=str(out),
+                      run_name=str(out / "run"), **SMALL_PPO)
+    return out, ppo.main(cfg), cfg

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import common
-from common import UserError, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, resolve_ckpt, rng_state, save_checkpoint, set_rng_state
+from common import UserError
 from conftest import ROOT, run_script
 from model import GPT, build_model
+from training import RunLogger, grad_accum_steps, lr_at
 
 
 def _saved(tmp_path, tiny_config, stage="pretrain", name="a.pt", **kw):
@@ -38,11 +40,11 @@ def test_optimizer_scaler_and_rng_state_roundtrip(tmp_path, tiny_config):
     opt = model.configure_optimizers(0.1, 1e-3)
     model(torch.randint(0, 100, (1, 8)), targets=torch.randint(0, 100, (1, 8)))[1].backward()
     opt.step()
-    rng = common.rng_state()
+    rng = rng_state()
     path = save_checkpoint(tmp_path / "b.pt", stage="pretrain", model=model, optimizer=opt, rng=rng)
     ckpt = load_checkpoint(path)
     expected = torch.rand(3)
-    common.set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"])
     assert torch.equal(torch.rand(3), expected)
     opt2 = GPT(tiny_config).configure_optimizers(0.1, 1e-3)
     opt2.load_state_dict(ckpt["optimizer"])
@@ -63,7 +65,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     child = textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from common import save_checkpoint
+        from checkpoints import save_checkpoint
         from model import GPT, GPTConfig
         m = GPT(GPTConfig(block_size=32, n_layer=1, n_head=1, n_embd=16))
         save_checkpoint({str(tmp_path / 'ck.pt')!r}, stage='pretrain', model=m, step=1)
@@ -100,6 +102,7 @@ CLI = textwrap.dedent("""
     import sys
     from dataclasses import dataclass
     sys.path.insert(0, {root!r})
+    import checkpoints
     import common
 
     @dataclass
@@ -108,7 +111,7 @@ CLI = textwrap.dedent("""
         ckpt_dir: str = "checkpoints"  # where bare names live
 
     def main(cfg):
-        ckpt = common.load_checkpoint(cfg.ckpt, "sft", ckpt_dir=cfg.ckpt_dir)
+        ckpt = checkpoints.load_checkpoint(cfg.ckpt, "sft", ckpt_dir=cfg.ckpt_dir)
         print("stage", ckpt["stage"])
 
     common.cli_main(main, Config)
@@ -142,8 +145,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path, tiny_config, case):
 
 
 def test_bare_names_resolve_inside_ckpt_dir():
-    assert common.resolve_ckpt("best_sft.pt", "ck") == common.Path("ck/best_sft.pt")
-    assert common.resolve_ckpt("runs/x.pt", "ck") == common.Path("runs/x.pt")
+    assert resolve_ckpt("best_sft.pt", "ck") == common.Path("ck/best_sft.pt")
+    assert resolve_ckpt("runs/x.pt", "ck") == common.Path("runs/x.pt")
 
 
 @pytest.mark.parametrize("capability,expected", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
@@ -201,16 +204,16 @@ def test_parse_config_flags_presets_and_help(capsys):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    lrs = [common.lr_at(s, 1.0, 0.1, 10, 110) for s in range(120)]
+    lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55) and lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
 
 
 def test_grad_accum_steps_checked():
-    assert common.grad_accum_steps(524288, 16 * 1024, 2) == 16
+    assert grad_accum_steps(524288, 16 * 1024, 2) == 16
     with pytest.raises(UserError, match="not a positive multiple"):
-        common.grad_accum_steps(1000, 64, 2)
+        grad_accum_steps(1000, 64, 2)
 
 
 def test_mfu_peaks():
@@ -221,7 +224,7 @@ def test_mfu_peaks():
 
 
 def test_run_logger_writes_jsonl(tmp_path, capsys):
-    log = common.RunLogger(tmp_path / "run", config={"a": 1})
+    log = RunLogger(tmp_path / "run", config={"a": 1})
     log.log({"loss": torch.tensor(2.5), "lr": 6e-4}, step=3)
     import json
     rec = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])

@@ -10,8 +10,13 @@ import sys
 import numpy as np
 import pytest
 
+import synthetic
+import tldr
+from checkpoints import load_checkpoint
 from common import UserError
 from conftest import ROOT, run_script
+from model import GPT, build_model
+from summaries import generate_summaries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CHECKPOINTS = ("pretrain.pt", "pretrain_hellaswag_val.json", "best_sft.pt", "reward_model.pt", "ppo_latest.pt")
@@ -33,7 +38,15 @@ def tiny_run(tmp_path_factory):
     return work, proc
 
 
-def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
+def _tiny(tiny_run):
+    """(work folder, checkpoints folder, run folder, report.json, its figures) of the tiny run."""
+    work, _ = tiny_run
+    ckpts, run = work / "checkpoints" / "tiny", work / "runs" / "tiny"
+    report = json.loads((run / "report.json").read_text())
+    return work, ckpts, run, report, report["figures"]
+
+
+def test_run_sh_tiny_runs_every_stage_through_its_script(tiny_run):
     work, proc = tiny_run
     ckpts, run = work / "checkpoints" / "tiny", work / "runs" / "tiny"
     for name in CHECKPOINTS:
@@ -45,8 +58,9 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert order == sorted(order)
     assert "== summarize\n" in proc.stdout
 
-    report = json.loads((run / "report.json").read_text())
-    figures = report["figures"]
+
+def test_run_sh_tiny_report_figures_are_finite_numbers(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
     expected = {"pretrain_val_loss_first", "pretrain_val_loss_last", "pretrain_hellaswag_first", "pretrain_hellaswag_last",
                 "hellaswag_acc_norm", "sft_val_loss_first", "sft_val_loss_best", "sft_gold_first", "sft_gold_best",
                 "rm_val_accuracy", "rm_gold_pearson", "rm_gold_spearman", "rm_gold_pair_accuracy",
@@ -55,6 +69,10 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert expected <= set(figures)
     bad = {k: v for k, v in figures.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
     assert not bad, bad
+
+
+def test_run_sh_tiny_report_agrees_with_the_stage_records(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
     # the stages' own records, read independently
     pre = [json.loads(l) for l in (run / "pretrain" / "log.jsonl").read_text().splitlines()]
     val = [r["val_loss"] for r in pre if r["kind"] == "eval" and "val_loss" in r]
@@ -62,8 +80,13 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     assert figures["pretrain_val_loss_last"] < figures["pretrain_val_loss_first"]
     assert figures["ppo_kl_first"] == pytest.approx(0.0, abs=1e-4)  # step 0 evaluates the SFT policy itself
     assert 0 <= figures["ppo_win_rate"] <= 1 and 0 <= figures["rm_val_accuracy"] <= 1
+    hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
+    assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
+
+
+def test_run_sh_tiny_report_recounts_the_reward_model_gold_agreement(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
     # the pairs where a summary states a fact the post does not, counted here from the generated files
-    import synthetic
     pairs = [json.loads(l) for l in (work / "data" / "synthetic_tiny" / "comparisons" / "valid.jsonl").open()][:500]
     stated = lambda row, key: bool(synthetic.gold_breakdown(row["prompt"], row[key].removeprefix("TL;DR:"))["wrong"])
     assert figures["rm_gold_wrong_fact_pairs"] == sum(stated(r, "chosen") or stated(r, "rejected") for r in pairs) > 0
@@ -73,10 +96,11 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     n, n_wrong = figures["rm_gold_summaries"] // 2, figures["rm_gold_wrong_fact_pairs"]
     assert figures["rm_gold_pair_accuracy"] == pytest.approx(
         (n_wrong * figures["rm_gold_pair_accuracy_wrong_fact"] + (n - n_wrong) * figures["rm_gold_pair_accuracy_other"]) / n)
+
+
+def test_run_sh_tiny_report_test_gold_and_eval_rows_recomputed_from_checkpoints(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
     # SFT and PPO on the same test posts, both sides recomputed here from their checkpoints
-    import tldr
-    from common import load_checkpoint
-    from model import GPT, build_model
     test_rows = [json.loads(l) for l in (work / "data" / "synthetic_tiny" / "tldr" / "test.jsonl").open()]
     assert figures["test_gold_posts"] == len(test_rows) >= 2
     posts = [tldr.parse_prompt(r["prompt"]) for r in test_rows]
@@ -85,7 +109,7 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
         ckpt = load_checkpoint(ckpts / name, stage)
         model = build_model(ckpt, GPT, dropout=0.0)
         info = ckpt["tldr"]
-        summaries = tldr.generate_summaries(model, posts, max_new_tokens=info["max_summary_tokens"],
+        summaries = generate_summaries(model, posts, max_new_tokens=info["max_summary_tokens"],
                                             max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
         parts = [synthetic.gold_breakdown(r["prompt"], s) for r, s in zip(test_rows, summaries)]
         gold[stage] = np.array([b["score"] for b in parts])
@@ -94,8 +118,6 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     diff = gold["ppo"] - gold["sft"]
     assert figures["test_gold_diff"] == pytest.approx(diff.mean(), abs=1e-12)
     assert figures["test_gold_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(len(diff)), abs=1e-12)
-    hs = json.loads((ckpts / "pretrain_hellaswag_val.json").read_text())
-    assert figures["hellaswag_acc_norm"] == hs["results"]["completion"]["acc_norm"]
     # the evaluation stage's rows: its record, read independently; the gold win rate recounted from the
     # summaries recomputed above
     ev = json.loads((run / "eval" / "eval.json").read_text())
@@ -108,6 +130,9 @@ def test_run_sh_tiny_runs_every_stage_and_reports_numbers(tiny_run):
     wins = (diff > 0).sum() + 0.5 * (diff == 0).sum()
     assert figures["eval_win_gold_sft_ppo"] == pytest.approx(wins / len(diff))
 
+
+def test_run_sh_tiny_report_table_and_plots(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
     # the markdown table: every row's "after" cell holds a number
     text = (run / "report.md").read_text()
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
@@ -192,7 +217,7 @@ def test_run_sh_bad_arguments_are_one_line_errors(tmp_path):
 
 def write_logs(run_dir):
     """Logs in the stages' format, written by the stages' own logger; pretrain's was resumed at step 2."""
-    from common import RunLogger
+    from training import RunLogger
     pre = RunLogger(run_dir / "pretrain", {"hellaswag_limit": 200})
     pre.log({"val_loss": 10.8, "hellaswag_acc_norm": 0.25, "hellaswag_harness_acc_norm": 0.26}, 0, "eval", echo=False)
     for step, loss in enumerate([10.0, 8.0, 6.5, 5.0]):
@@ -258,7 +283,8 @@ def test_plot_from_recorded_logs(tmp_path):
 
 
 def test_read_log_keeps_the_last_record_of_a_step(tmp_path):
-    from plot import read_log, series
+    from plot import series
+    from training import read_log
     write_logs(tmp_path)
     records = read_log(tmp_path / "pretrain" / "log.jsonl")
     assert series(records, "loss", "train") == [(0, 10.0), (1, 8.0), (2, 6.0), (3, 5.0)]

@@ -11,9 +11,11 @@ import torch
 
 import eval_summaries as es
 import tldr
-from common import UserError, config_from, save_checkpoint
-from conftest import ROOT, run_script
+from checkpoints import load_reward_model, save_checkpoint
+from common import UserError, config_from
+from conftest import ROOT, rig_unigram, run_script
 from model import GPT, GPTConfig, ScoreModel
+from summaries import decode_summary, gold_scores, score_texts
 
 REALDATA = ROOT.parent / "shared" / "realdata" / "tldr"
 INFO = tldr.template_info(max_prompt_tokens=200, max_summary_tokens=24)
@@ -86,13 +88,9 @@ def build_judge(out, texts, first_position=False):
                                        bos_token_id=0, eos_token_id=0))
     if first_position:
         a, b = (set(hf_tok(x, add_special_tokens=False)["input_ids"]) for x in es.ANSWERS)
-        with torch.no_grad():
-            model.transformer.ln_f.weight.zero_()
-            model.transformer.ln_f.bias.zero_()
-            model.transformer.ln_f.bias[0] = 1.0
-            model.transformer.wte.weight[:, 0] = 0.0
-            model.transformer.wte.weight[list(a - b), 0] = 5.0
-            model.transformer.wte.weight[list(b - a), 0] = -5.0
+        logits = torch.zeros(len(hf_tok))
+        logits[list(a - b)], logits[list(b - a)] = 5.0, -5.0
+        rig_unigram(model, logits)
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     return out
@@ -163,7 +161,7 @@ def test_judge_lm_of_another_tokenizer_asks_both_orders(judge_dirs, judge_posts,
 # text figures
 
 def test_rouge_and_copied_trigrams_against_hand_counts():
-    from sft import rouge_scorer
+    from summaries import rouge_scorer
     post = tldr.Post("The cat sat on the mat all day, and the dog barked at it.")
     ref, pred = "the cat sat on the mat", "The cat lay on the mat."
     f = es.text_figures([post], [pred], [ref], rouge_scorer())
@@ -184,11 +182,10 @@ def _greedy(model, post):
                                 INFO["template"])
     tokens, _, mask = model.generate(torch.tensor([ids]), max_new_tokens=INFO["max_summary_tokens"], temperature=0.0)
     new = tokens[0][mask[0].bool()].tolist()
-    return tldr.decode_summary(new), 50256 in new
+    return decode_summary(new), 50256 in new
 
 
 def test_stage_figures_cache_and_rerun(tiny_ckpts, synthetic_dir, tmp_path, monkeypatch):
-    import reward_model
     data = str(synthetic_dir / "tldr")
     cfg = _cfg(tiny_ckpts, tmp_path / "eval", data=data, posts=6)
     record = es.main(cfg)
@@ -207,20 +204,20 @@ def test_stage_figures_cache_and_rerun(tiny_ckpts, synthetic_dir, tmp_path, monk
         assert record["models"][name]["eos_rate"] == pytest.approx(np.mean([e for _, e in mine[name]]))
 
     # the reward model's and the gold score's win rates, recounted from their scores
-    rm, ckpt = reward_model.load_reward_model(str(tiny_ckpts / "reward_model.pt"))
-    r = {n: reward_model.score_texts(rm, posts, [s for s, _ in mine[n]], ckpt["tldr"]).numpy() for n in mine}
-    r_ref = reward_model.score_texts(rm, posts, refs, ckpt["tldr"]).numpy()
+    rm, ckpt = load_reward_model(str(tiny_ckpts / "reward_model.pt"))
+    r = {n: score_texts(rm, posts, [s for s, _ in mine[n]], ckpt["tldr"]).numpy() for n in mine}
+    r_ref = score_texts(rm, posts, refs, ckpt["tldr"]).numpy()
     ppo = record["models"]["ppo_latest"]
     assert ppo["win_rates"]["reward_model"]["reference"]["wins"] == int((r["ppo_latest"] > r_ref).sum())
     assert ppo["win_rates"]["reward_model"]["sft"]["wins"] == int((r["ppo_latest"] > r["best_sft"]).sum())
     assert "sft" not in record["models"]["best_sft"]["win_rates"]["reward_model"]   # not against itself
-    g = {n: np.array(tldr.gold_scores(posts, [s for s, _ in mine[n]])) for n in mine}
+    g = {n: np.array(gold_scores(posts, [s for s, _ in mine[n]])) for n in mine}
     w = ppo["win_rates"]["gold"]["sft"]
     assert (w["wins"], w["losses"]) == (int((g["ppo_latest"] > g["best_sft"]).sum()), int((g["ppo_latest"] < g["best_sft"]).sum()))
     d = g["ppo_latest"] - g["best_sft"]
     assert ppo["vs_sft"]["score"]["diff"] == pytest.approx(d.mean(), abs=1e-12)
     assert ppo["vs_sft"]["score"]["se"] == pytest.approx(d.std(ddof=1) / math.sqrt(len(d)), abs=1e-12)
-    assert record["reference"]["gold"] == pytest.approx(np.mean(tldr.gold_scores(posts, refs)))
+    assert record["reference"]["gold"] == pytest.approx(np.mean(gold_scores(posts, refs)))
     assert record["example"]["summaries"]["ppo_latest"] == mine["ppo_latest"][0][0]
     table = (tmp_path / "eval" / "eval.md").read_text()
     assert "| ROUGE-1 / 2 / L |" in table and "win rate vs SFT, gold score" in table

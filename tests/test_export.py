@@ -9,9 +9,11 @@ import torch
 
 import export
 import tldr
-from common import UserError, config_from, get_tokenizer, save_checkpoint
+from checkpoints import save_checkpoint
+from common import UserError, config_from, get_tokenizer
 from eval_summaries import file_sha256
 from model import GPT, GPTConfig
+from summaries import generate_summaries
 
 INFO = tldr.template_info(max_prompt_tokens=200, max_summary_tokens=24)
 POST = tldr.Post("My roommate (25M) keeps eating my food. It's been two months; a note on the fridge did nothing. "
@@ -56,7 +58,7 @@ def test_exported_directory_loads_offline_and_summarizes_as_we_do(exported):
     # our summarizer's greedy summary (the prompt fits the budget: nothing is cut)
     ids, truncated = tldr.prompt_tokens(POST, INFO["max_prompt_tokens"], INFO["template"])
     assert not truncated
-    ours = tldr.generate_summaries(model, [POST], max_new_tokens=INFO["max_summary_tokens"],
+    ours = generate_summaries(model, [POST], max_new_tokens=INFO["max_summary_tokens"],
                                    max_prompt_tokens=INFO["max_prompt_tokens"], template=INFO["template"])[0]
     assert ours
     summarize = pipeline("text-generation", model=str(hf), device="cpu")

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import UserError, get_tokenizer, load_checkpoint, save_checkpoint
-from conftest import ROOT, run_script
+from checkpoints import load_checkpoint, save_checkpoint
+from common import UserError
+from conftest import ROOT, run_script, unigram_gpt as rigged_gpt
 from hellaswag import (encode_row, ensure_hellaswag, evaluate, harness_preprocess, harness_texts, load_rows,
                        score_endings, validate_row)
 from model import GPT, TOKENIZER_VOCAB, GPTConfig, build_model
@@ -58,21 +59,10 @@ BOOST = {" jumps": 6.0, " fence": 6.0, " garden": 6.0, " smiles": 6.0, " rest": 
 
 
 def unigram_gpt(boost):
-    """A real GPT whose next-token logits ignore the context: ln_f outputs the unit vector e0 whatever
-    comes in, so logits = wte[:, 0], which we set to `boost` (token → logit) and 0 elsewhere."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64))
-    enc = get_tokenizer()
-    logits = torch.zeros(model.config.vocab_size)
-    for word, value in boost.items():
-        (tok,) = enc.encode_ordinary(word)
-        logits[tok] = value
-    with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 1.0
-        model.transformer.wte.weight[:, 0] = logits
-    return model, logits[:TOKENIZER_VOCAB]
+    """A real GPT whose next-token logits ignore the context (conftest.unigram_gpt): boost (token → logit),
+    0 elsewhere; returns it with its logits over the real vocabulary."""
+    model = rigged_gpt(boost, GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64))
+    return model, model.transformer.wte.weight[:TOKENIZER_VOCAB, 0].detach().clone()
 
 
 def test_hand_written_rows_choices_and_accuracies(tmp_path):

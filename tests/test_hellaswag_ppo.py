@@ -18,8 +18,10 @@ import torch.nn.functional as F
 import hellaswag
 import hellaswag_task as ht
 import ppo
-from common import UserError, compute_init, config_from, get_tokenizer, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from common import UserError, compute_init, config_from, get_tokenizer
 from conftest import ROOT, run_script
+from judges import Judge, judge_pair_tokens
 from model import GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, build_model
 
 UNICODE = "Zoë's café – naïve 😀 ünïcödé"
@@ -342,7 +344,7 @@ def direct_lm_score(model, tokenizer, context, continuation):
 def test_judge_bridge_equals_scoring_the_text_directly(hf_judges):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     lm_dir, _ = hf_judges
-    judge = ht.Judge(str(lm_dir), "cpu", "float32", batch_size=4)  # the path a user's --judge takes
+    judge = Judge(str(lm_dir), "cpu", "float32", batch_size=4)  # the path a user's --judge takes
     assert judge.kind == "lm"
     tokenizer, model = AutoTokenizer.from_pretrained(lm_dir), AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     assert tokenizer("The cat")["input_ids"] != get_tokenizer().encode_ordinary("The cat")  # another tokenizer
@@ -354,7 +356,7 @@ def test_judge_bridge_equals_scoring_the_text_directly(hf_judges):
         else:
             assert ok and s == pytest.approx(expected, abs=1e-4), (context, continuation)
     # the boundary token of "The cat" + "s sleep": the merged token holds continuation text, so it is scored
-    ids, start, end = ht.judge_pair_tokens(tokenizer, "The cat", "s sleep all day")
+    ids, start, end = judge_pair_tokens(tokenizer, "The cat", "s sleep all day")
     assert "s" in tokenizer.decode(ids[start:start + 1]) and tokenizer.decode(ids[1:start]) in "The cat"
     assert tokenizer.decode(ids[start:end]).endswith("sleep all day")
     one, _ = judge.score(["The dog waited by the door."], [" It ran to the park."])  # one by one == batched
@@ -387,7 +389,7 @@ def test_gpt2_tokens_reach_the_judge_as_text(hf_judges, tiny_init, synthetic_dir
 def test_classifier_and_our_reward_model_as_judges(hf_judges, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     _, clf_dir = hf_judges
-    judge = ht.Judge(str(clf_dir), "cpu", "float32", batch_size=2)
+    judge = Judge(str(clf_dir), "cpu", "float32", batch_size=2)
     assert judge.kind == "classifier"
     tokenizer, model = AutoTokenizer.from_pretrained(clf_dir), AutoModelForSequenceClassification.from_pretrained(clf_dir)
     pairs = PAIRS[:3]
@@ -400,7 +402,7 @@ def test_classifier_and_our_reward_model_as_judges(hf_judges, tmp_path):
     torch.manual_seed(0)
     rm = ScoreModel(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
     save_checkpoint(tmp_path / "rm.pt", stage="reward_model", model=rm, reward_norm={"bias_shift": 0.0, "std": 1.0})
-    judge = ht.Judge(str(tmp_path / "rm.pt"), "cpu", "float32")
+    judge = Judge(str(tmp_path / "rm.pt"), "cpu", "float32")
     assert judge.kind == "rm"
     scores, _ = judge.score([pairs[2][0]], [pairs[2][1]])
     tokens = torch.tensor([get_tokenizer().encode_ordinary(pairs[2][0] + pairs[2][1])])

@@ -12,9 +12,11 @@ import torch
 
 import ppo
 import tldr
-from common import UserError, compute_init, config_from, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from common import UserError, compute_init, config_from
 from conftest import ROOT, run_script
-from model import EOS_ID, GPT, PAD_ID, GPTConfig, ScoreModel, build_model
+from model import EOS_ID, GPT, GPTConfig, PAD_ID, ScoreModel, build_model, left_pad
+from summaries import generate_summaries, gold_scores
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=80, max_summary_tokens=12)
 
@@ -185,7 +187,7 @@ def test_rollout_logprobs_equal_generate_and_the_first_update_forward(tiny_ckpts
     assert lengths.min() < ro.mask.size(1) and (ro.response == EOS_ID).any()  # some responses end early
 
     # the log-probs generate() reported while sampling the same tokens (KV cache, incremental)
-    query, qmask = tldr.left_pad(prompts, PAD_ID)
+    query, qmask = left_pad(prompts, PAD_ID)
     tokens, gen_logp, gen_mask = policy.generate(query, qmask, max_new_tokens=cfg.response_length,
                                                  temperature=cfg.temperature, generator=torch.Generator().manual_seed(3))
     assert torch.equal(tokens, ro.response[:, :tokens.size(1)]) and torch.equal(gen_mask.float(), ro.mask[:, :tokens.size(1)])
@@ -249,7 +251,7 @@ def test_tiny_run_end_to_end_exact_resume_and_summarize(tiny_ckpts, synthetic_di
                     "--title", post.title, post.post])
     assert r.returncode == 0, r.stderr
     policy = build_model(ck_a, GPT, dropout=0.0).eval()
-    assert r.stdout.strip() == tldr.generate_summaries(policy, [post], max_new_tokens=TINY_INFO["max_summary_tokens"],
+    assert r.stdout.strip() == generate_summaries(policy, [post], max_new_tokens=TINY_INFO["max_summary_tokens"],
                                                        max_prompt_tokens=TINY_INFO["max_prompt_tokens"])[0]
 
 
@@ -343,7 +345,7 @@ def test_ppo_on_comparisons_of_its_own_samples_raises_the_gold_score(small_pretr
     # the gold score of greedy summaries of all 400 test posts (no stage selects on them), paired by post
     rt = compute_init(0, "cpu", "float32")
     posts = [e.post for e in tldr.load_sft(tldr_dir, "test")]
-    gold = {name: tldr.gold_scores(posts, eval_summaries.summarize_with(tmp_path / ckpt, ("sft", "ppo"), posts, rt, 64)[0])
+    gold = {name: gold_scores(posts, eval_summaries.summarize_with(tmp_path / ckpt, ("sft", "ppo"), posts, rt, 64)[0])
             for name, ckpt in (("sft", "best_sft.pt"), ("ppo", "ppo_latest.pt"))}
     diff, se = eval_summaries.paired_difference(gold["sft"], gold["ppo"])
     mean = {name: sum(g) / len(g) for name, g in gold.items()}

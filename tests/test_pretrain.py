@@ -9,7 +9,9 @@ import pytest
 import torch
 
 import pretrain
-from common import Runtime, UserError, config_from, load_checkpoint, lr_at, mfu, optimizer_step, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from common import Runtime, UserError, config_from, mfu
+from training import lr_at, optimizer_step
 from conftest import ROOT, run_script, skip_without_cpu_fp16
 from model import GPT, GPTConfig, build_model
 

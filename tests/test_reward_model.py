@@ -12,9 +12,11 @@ import torch.nn.functional as F
 import reward_model as rm
 import synthetic
 import tldr
-from common import UserError, cli_main, config_from, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, load_reward_model, save_checkpoint
+from common import UserError, cli_main, config_from
 from conftest import ROOT, run_script, skip_without_cpu_fp16
-from model import GPT, TOKENIZER_VOCAB, GPTConfig, ScoreModel
+from model import GPT, GPTConfig, ScoreModel, TOKENIZER_VOCAB, left_pad, right_pad
+from summaries import score_texts, score_tokens
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=64, max_summary_tokens=24)
 
@@ -75,8 +77,8 @@ def test_packed_pairs_equal_each_sequence_scored_alone_left_or_right_padded():
     seqs = [p + c for p, c, _ in triples] + [p + r for p, _, r in triples]
     with torch.no_grad():
         alone = torch.stack([model.reward(torch.tensor([s]))[0] for s in seqs])
-        right = model.reward(*tldr.right_pad(seqs))
-        left = model.reward(*tldr.left_pad(seqs))
+        right = model.reward(*right_pad(seqs))
+        left = model.reward(*left_pad(seqs))
         rc, rr = rm.pair_rewards(rm.PairScorer(model), triples, "cpu")
         one_by_one = [rm.pair_rewards(rm.PairScorer(model), [t], "cpu") for t in triples]
     assert alone.std() > 0.1  # rewards differ: a mix-up of rows or positions could not hide
@@ -85,7 +87,7 @@ def test_packed_pairs_equal_each_sequence_scored_alone_left_or_right_padded():
     torch.testing.assert_close(torch.cat([rc, rr]), alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.stack([torch.cat(p) for p in one_by_one]), torch.stack([rc, rr], 1),
                                atol=1e-5, rtol=0)
-    torch.testing.assert_close(rm.score_tokens(model, seqs, batch_size=3), alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(score_tokens(model, seqs, batch_size=3), alone, atol=1e-5, rtol=0)
     # several summaries under one prompt (best-of-n scoring): each still scores as if alone
     rows = [(p, [c, r, triples[(i + 1) % 5][1]]) for i, (p, c, r) in enumerate(triples)]
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_score_texts_builds_the_training_prompt():
     model = _tiny_score_model()
     posts = [tldr.Post("My roommate eats my food. " * k, "Food", "roommates") for k in (1, 9)]
     summaries = ["Roommate eats my food.", "Food thief roommate, what do I do?"]
-    got = rm.score_texts(model, posts, summaries, TINY_INFO, batch_size=1)
+    got = score_texts(model, posts, summaries, TINY_INFO, batch_size=1)
     for post, summary, reward in zip(posts, summaries, got):
         ids = tldr.prompt_tokens(post, 64)[0] + tldr.summary_tokens(summary, 24)
         with torch.no_grad():
@@ -169,13 +171,13 @@ def test_fp16_skipped_steps_are_logged_and_survive_a_resume(tiny, tmp_path):
 
 def test_best_checkpoint_is_normalised_on_reference_summaries(tiny, tiny_run):
     out, result = tiny_run
-    model, ckpt = rm.load_reward_model("reward_model.pt", "cpu", out)
+    model, ckpt = load_reward_model("reward_model.pt", "cpu", out)
     assert ckpt["stage"] == "reward_model" and ckpt["tldr"] == TINY_INFO
     best = max(records(out / "run", "eval"), key=lambda r: r["val_accuracy"])  # the first of equals
     assert ckpt["metrics"]["val_accuracy"] == best["val_accuracy"] == result["best"]["val_accuracy"]
     assert ckpt["step"] == best["step"]
     refs = tldr.load_sft(str(tiny / "tldr"), "valid")
-    rewards = rm.score_texts(model, [e.post for e in refs], [e.summary for e in refs], ckpt["tldr"]).double()
+    rewards = score_texts(model, [e.post for e in refs], [e.summary for e in refs], ckpt["tldr"]).double()
     norm = ckpt["reward_norm"]
     assert norm["rows"] == len(refs) == 16
     assert abs(rewards.mean().item()) < 1e-3
@@ -184,7 +186,7 @@ def test_best_checkpoint_is_normalised_on_reference_summaries(tiny, tiny_run):
     assert norm["bias_shift"] == pytest.approx(-ckpt["metrics"]["ref_reward_mean_before"])
     with torch.no_grad():
         model.score_head.bias -= norm["bias_shift"]
-    before = rm.score_texts(model, [e.post for e in refs], [e.summary for e in refs], ckpt["tldr"]).double()
+    before = score_texts(model, [e.post for e in refs], [e.summary for e in refs], ckpt["tldr"]).double()
     assert before.mean().item() == pytest.approx(ckpt["metrics"]["ref_reward_mean_before"], abs=1e-4)
     assert abs(ckpt["metrics"]["ref_reward_mean_before"]) > 1e-2  # the shift did something
 
@@ -222,7 +224,7 @@ def test_user_errors(tiny, tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipped 2 of 2 rows (1 empty summary, 1 identical summaries)" in err  # dropped pairs are counted
     with pytest.raises(UserError, match="not a finished reward model"):
-        rm.load_reward_model("reward_model_latest.pt", "cpu", out)
+        load_reward_model("reward_model_latest.pt", "cpu", out)
     # through the command line: one `error:` line and exit code 2
     with pytest.raises(SystemExit) as e:
         cli_main(rm.main, rm.Config, rm.PRESETS, ["--preset", "tiny", "--init", str(tiny / "pretrain.pt"),
@@ -277,8 +279,8 @@ def test_score_cli_prints_the_reward_of_one_pair(tiny_run):
                     "--title", "Food", "--subreddit", "roommates", "--summary", summary])
     assert r.returncode == 0, r.stderr[-2000:]
     printed = float(r.stdout.split()[1])
-    model, ckpt = rm.load_reward_model(out / "reward_model.pt")
-    expected = rm.score_texts(model, [tldr.Post(post, "Food", "roommates")], [summary], ckpt["tldr"])[0].item()
+    model, ckpt = load_reward_model(out / "reward_model.pt")
+    expected = score_texts(model, [tldr.Post(post, "Food", "roommates")], [summary], ckpt["tldr"])[0].item()
     assert printed == pytest.approx(expected, abs=1e-4)
     r = run_script(["reward_model.py", "--score", "--ckpt", "nope.pt", "--ckpt-dir", out, "--post", "p",
                     "--summary", "s"])
@@ -310,7 +312,7 @@ def test_spearman_matches_hand_values():
 
 
 def test_small_reward_model_learns_the_generated_preferences(small_rm_ckpt, synthetic_dir):
-    model, ckpt = rm.load_reward_model(small_rm_ckpt)
+    model, ckpt = load_reward_model(small_rm_ckpt)
     metrics = ckpt["metrics"]
     # against the noisy labels of all 500 valid pairs (8% of them flipped: a perfect model gets ~92%).
     # A trunk this small and this briefly pretrained judges coverage, length, copying and truncation but
@@ -321,7 +323,7 @@ def test_small_reward_model_learns_the_generated_preferences(small_rm_ckpt, synt
     pairs = tldr.load_comparisons(str(synthetic_dir / "comparisons"), "test")[:150]
     items = {(c.post, s) for c in pairs for s in (c.chosen, c.rejected)}
     posts, summaries = zip(*sorted(items, key=lambda t: (t[0].post, t[1])))
-    rewards = rm.score_texts(model, list(posts), list(summaries), ckpt["tldr"], batch_size=64)
+    rewards = score_texts(model, list(posts), list(summaries), ckpt["tldr"], batch_size=64)
     gold = [synthetic.gold_score(tldr.render_prompt(p), s) for p, s in zip(posts, summaries)]
     rho = spearman(rewards.tolist(), gold)
     by_text = dict(zip(zip(posts, summaries), rewards.tolist()))

@@ -20,10 +20,12 @@ from fastapi.testclient import TestClient
 import serve
 import summarize
 import tldr
-from common import cli_main, config_from, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from common import cli_main, config_from
 from conftest import ROOT
 from model import GPT, GPTConfig, ScoreModel
 from test_summarize import INFO, POST, _greedy, _lm
+from summaries import Summarizer, generate_summaries
 
 LONG_INFO = tldr.template_info(max_prompt_tokens=48, max_summary_tokens=900)  # a generation long enough to interrupt
 def _long_lm() -> GPT:
@@ -256,10 +258,10 @@ def test_openai_client_against_a_real_server(server, ckpt_dir):
 
 def test_concurrent_streams_each_get_their_own_summary(server, small_sft_ckpt, synthetic_dir):
     """16 streaming requests at once, each with its own post: every one gets the greedy summary of its own
-    post (tldr.generate_summaries, one post at a time), and the server did batch them."""
+    post (generate_summaries, one post at a time), and the server did batch them."""
     posts = [e.post for e in tldr.load_sft(str(synthetic_dir / "tldr"), "test")[:16]]
-    sft = summarize.Summarizer.from_checkpoint(load_checkpoint(small_sft_ckpt), "cpu")
-    expected = [tldr.generate_summaries(sft.model, [p], batch_size=1, max_new_tokens=sft.info["max_summary_tokens"],
+    sft = Summarizer.from_checkpoint(load_checkpoint(small_sft_ckpt), "cpu")
+    expected = [generate_summaries(sft.model, [p], batch_size=1, max_new_tokens=sft.info["max_summary_tokens"],
                                         max_prompt_tokens=sft.info["max_prompt_tokens"], template=sft.info["template"])[0]
                 for p in posts]
     assert len(set(expected)) >= 12  # the posts get different summaries, so a mix-up would show

@@ -8,9 +8,11 @@ import torch
 
 import sft
 import tldr
-from common import cli_main, compute_init, config_from, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from common import cli_main, compute_init, config_from
 from conftest import ROOT, run_script
 from model import GPT, ScoreModel, build_model, model_config
+from summaries import generate_summaries, mean_gold_score
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +171,8 @@ def test_sft_writes_better_summaries_than_the_pretrained_model(small_sft_ckpt, s
     for name, path in (("pretrained", small_pretrain_ckpt), ("sft", small_sft_ckpt)):
         ckpt = load_checkpoint(path)
         budget = ckpt.get("tldr", {}).get("max_prompt_tokens", sft.PRESETS["small"]["max_prompt_tokens"])
-        summaries = tldr.generate_summaries(build_model(ckpt, GPT), posts, batch_size=64, max_prompt_tokens=budget)
-        scores[name] = tldr.mean_gold_score(posts, summaries)
+        summaries = generate_summaries(build_model(ckpt, GPT), posts, batch_size=64, max_prompt_tokens=budget)
+        scores[name] = mean_gold_score(posts, summaries)
     print(f"mean gold score of greedy summaries on 64 validation posts: pretrained {scores['pretrained']:.3f}, "
           f"sft {scores['sft']:.3f}")
     # the gold score is strict (each wrong fact costs 0.35, floored at 0), so a model this small scores low

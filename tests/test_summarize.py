@@ -8,9 +8,11 @@ import torch
 
 import summarize
 import tldr
-from common import UserError, config_from, save_checkpoint
+from checkpoints import save_checkpoint
+from common import UserError, config_from
 from conftest import ROOT, run_script
 from model import GPT, GPTConfig, ScoreModel
+from summaries import decode_summary
 
 INFO = tldr.template_info(max_prompt_tokens=48, max_summary_tokens=10)
 POST = tldr.Post("My roommate keeps eating my food and I don't know what to do about it.", "Food thief", "roommates")
@@ -30,7 +32,7 @@ def _greedy(model: GPT, post: tldr.Post, info=INFO) -> str:
     ids, _ = tldr.prompt_tokens(post, min(info["max_prompt_tokens"], model.config.block_size - info["max_summary_tokens"]),
                                 info["template"])
     tokens, _, mask = model.generate(torch.tensor([ids]), max_new_tokens=info["max_summary_tokens"], temperature=0.0)
-    return tldr.decode_summary(tokens[0][mask[0].bool()].tolist())
+    return decode_summary(tokens[0][mask[0].bool()].tolist())
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import tldr
 from common import UserError, get_tokenizer
 from model import EOS_ID, GPT, GPTConfig, PAD_ID
 from tldr import Post
+from summaries import generate_summaries, mean_gold_score
 
 ENC = get_tokenizer()
 
@@ -185,7 +186,7 @@ def test_generate_summaries_is_greedy_decoding_in_the_original_order():
     with torch.no_grad():  # EOS gets the (scaled) row of the second post's first token: that row ends at once
         first = model(torch.tensor([tldr.prompt_tokens(posts[1], 100)[0]]), logits_at=slice(-1, None))[0][0, -1].argmax()
         model.lm_head.weight[EOS_ID] = 1.1 * model.lm_head.weight[first]
-    got = tldr.generate_summaries(model, posts, batch_size=2, max_new_tokens=12, max_prompt_tokens=100)
+    got = generate_summaries(model, posts, batch_size=2, max_new_tokens=12, max_prompt_tokens=100)
     for post, text in zip(posts, got):
         ids = tldr.prompt_tokens(post if isinstance(post, Post) else Post(post), 100)[0]
         seq, new = torch.tensor([ids]), []
@@ -205,7 +206,7 @@ def test_generate_summaries_is_greedy_decoding_in_the_original_order():
 def test_gold_score_of_references_beats_wrong_summaries(synthetic_dir):
     examples = tldr.load_sft(str(synthetic_dir / "tldr"), "valid")[:40]
     posts = [e.post for e in examples]
-    good = tldr.mean_gold_score(posts, [e.summary for e in examples])
-    shifted = tldr.mean_gold_score(posts, [e.summary for e in examples[1:] + examples[:1]])
+    good = mean_gold_score(posts, [e.summary for e in examples])
+    shifted = mean_gold_score(posts, [e.summary for e in examples[1:] + examples[:1]])
     assert good > 0.8 and shifted < good - 0.3
-    assert tldr.mean_gold_score(posts, [""] * len(posts)) == 0.0
+    assert mean_gold_score(posts, [""] * len(posts)) == 0.0
