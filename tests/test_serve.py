@@ -24,6 +24,7 @@ from checkpoints import load_checkpoint, save_checkpoint
 from common import cli_main, config_from
 from conftest import ROOT
 from model import GPT, GPTConfig, ScoreModel
+from serving.app import create_app
 from test_summarize import INFO, POST, _greedy, _lm
 from summaries import Summarizer, generate_summaries
 
@@ -54,7 +55,7 @@ def client(ckpt_dir):
     run.mkdir()
     (run / "report.md").write_text("# Report\n\n| metric | value |\n|---|---|\n| gold | 0.4 |\n")
     (run / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with TestClient(serve.create_app(serve.load_engines(cfg), cfg)) as c:
+    with TestClient(create_app(serve.load_engines(cfg), cfg)) as c:
         yield c
 
 

@@ -225,11 +225,17 @@ async function loadReport() {
   $("report-body").innerHTML = report.markdown ? renderMarkdown(report.markdown)
     : "<p>No report yet: run.sh writes report.md and the plots at the end of a run (make demo).</p>";
   $("report-plots").innerHTML = "";
-  for (const src of report.plots) {
+  for (const src of report.plots) {  // each plot as wide as the page, a click opens it at full size
+    const link = document.createElement("a");
+    link.href = src;
+    link.target = "_blank";
+    link.rel = "noopener";
+    link.title = "open the full-size image";
     const img = document.createElement("img");
     img.src = src;
     img.alt = src.split("/").pop();
-    $("report-plots").append(img);
+    link.append(img);
+    $("report-plots").append(link);
   }
 }
 

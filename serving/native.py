@@ -1,0 +1,111 @@
+"""The native API and the page: `GET /`, `GET /health`, `GET /api/models`, `POST /api/summarize` (JSON, or
+Server-Sent Events with the likeliest tokens), `GET /api/examples`, `GET /api/report` and its plots."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, StreamingResponse
+
+import synthetic
+import tldr
+from common import get_tokenizer
+from serving.engine import Engine, Result, run_jobs
+from serving.protocol import RequestError, pick_engine, read_body, stream_events, take, take_post, take_sampling
+from summaries import decode_summary
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_TOP_PROBS = 20
+
+
+def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
+    """The routes over `engines` (the first is the default model); cfg is serve.py's Config."""
+    tok = get_tokenizer()
+    example_posts = load_examples(cfg.examples, cfg.num_examples)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / Path(cfg.ckpt_dir).name
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    @router.get("/health")
+    async def health():
+        return {"status": "ok", "models": {name: dict(e.stats) for name, e in engines.items()}}
+
+    @router.get("/api/models")
+    async def models():
+        return {"models": [model_card(name, e, i == 0) for i, (name, e) in enumerate(engines.items())]}
+
+    @router.post("/api/summarize")
+    async def summarize(request: Request):
+        body = await read_body(request, cfg.max_post_chars)
+        engine = pick_engine(engines, body.get("model"))
+        text = take_post(body.get("post"), cfg.max_post_chars)
+        post = tldr.Post(text, take(body, "title", str, "").strip(),
+                         take(body, "subreddit", str, "").strip().removeprefix("r/"))
+        sampling = take_sampling(body, engine, 0.0, "max_new_tokens")
+        top_probs = take(body, "top_probs", int, 0)
+        if not 0 <= top_probs <= MAX_TOP_PROBS:
+            raise RequestError(422, f"top_probs must be in [0, {MAX_TOP_PROBS}], got {top_probs}", "top_probs")
+        stream = take(body, "stream", bool, False)
+        prompt, truncated = engine.summarizer.prompt(post, sampling.max_new_tokens)
+
+        def final(result: Result) -> dict:
+            return {"summary": decode_summary(result.tokens, tok), "model": engine.name,
+                    "tokens": len(result.tokens), "seconds": round(result.seconds, 4),
+                    "tokens_per_s": round(len(result.tokens) / max(result.seconds, 1e-9), 2),
+                    "truncated": truncated, "finish_reason": "stop" if result.ended else "length"}
+
+        if not stream:
+            return final((await run_jobs(engine, [(prompt, sampling)], 0))[0])
+
+        async def produce(send):
+            def on_token(row, event, elapsed):
+                if event["id"] is None and not event["text"]:
+                    return
+                send({"type": "token", "text": event["text"], "id": event["id"], "index": event["n"] - 1,
+                      "top": [{"token": tok.decode([i]), "id": i, "prob": round(p, 5)} for i, p in event["top"]],
+                      "tokens_per_s": round(event["n"] / max(elapsed, 1e-9), 2)})
+            result = (await run_jobs(engine, [(prompt, sampling)], top_probs, on_token))[0]
+            send({"type": "done", **final(result)})
+
+        return StreamingResponse(stream_events(produce), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @router.get("/api/examples")
+    async def examples():
+        return {"examples": [{"subreddit": p.subreddit, "title": p.title, "post": p.post} for p in example_posts]}
+
+    @router.get("/api/report")
+    async def report():
+        md = run_dir / "report.md"
+        return {"run": str(run_dir), "markdown": md.read_text(encoding="utf-8") if md.is_file() else None,
+                "plots": [f"/api/report/plots/{p.name}" for p in sorted(run_dir.glob("*.png"))]}
+
+    @router.get("/api/report/plots/{name}")
+    async def plot(name: str):
+        path = run_dir / name
+        if not re.fullmatch(r"[\w.-]+\.png", name) or not path.is_file():
+            raise RequestError(404, f"no plot {name!r} in {run_dir}")
+        return FileResponse(path, media_type="image/png")
+
+    return router
+
+
+def load_examples(data: str, num: int) -> list[tldr.Post]:
+    """Posts for the page's example list: the test split of a TL;DR source, or posts of the generated world
+    (what the demo's models were trained on)."""
+    if data:
+        return [e.post for e in tldr.load_sft(data, "test")[:num]]
+    world = synthetic.make_world(seed=2024, num_posts=max(10, 10 * num), valid_frac=0.1, test_frac=0.5)
+    return [tldr.Post(p.post, p.title, p.subreddit) for p in world["test"][:num]]
+
+
+def model_card(name: str, engine: Engine, default: bool) -> dict:
+    s = engine.summarizer
+    return {"name": name, "stage": s.stage, "step": s.step, "metrics": s.metrics, "path": str(engine.path),
+            "default": default, "params": s.model.num_params(non_embedding=False),
+            "max_new_tokens": engine.budget, "max_prompt_tokens": s.info["max_prompt_tokens"],
+            "template": s.info["template"]}
