@@ -28,7 +28,8 @@ Tiny CPU run on generated data (after pretrain.py --preset small on it):
         --hellaswag-dir data/synthetic/hellaswag --temperature 1 --lr 3e-4 --kl-coef 0.3 --rollout-batch 32 \\
         --samples-per-prompt 8 --ppo-epochs 2 --num-minibatches 2 --micro-batch 32 --max-steps 40 --eval-prompts 300
 
-A library for ppo.py: importing it does nothing; it never imports ppo.py.
+A library for ppo.py: importing it does nothing; it never imports ppo.py (the Task protocol and the token
+rollout it shares live in rollouts.py).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from checkpoints import build_from_checkpoint, load_lm, same_weights
 from common import UserError, all_reduce_sum, get_tokenizer
 from judges import Judge
 from model import GPT, PAD_ID, ScoreModel, left_pad, sampling_logprobs
+from rollouts import TokenActions
 
 CHOICE_NORMS = ("mean", "sum")
 LABEL_REWARDS = ("hit", "margin")
@@ -248,18 +250,19 @@ class JudgeReward:
         return value_from_init(self.cfg)
 
 
-class HellaswagTask:
+class HellaswagTask(TokenActions):
     """--task hellaswag. Prompts are HellaSwag train contexts (completion style: the `ctx` field); with
-    --reward judge the response is a sampled continuation scored by the judge (ppo.py's token rollout),
-    with --reward label it is the choice of an ending (this file's rollout and forward). Evaluation is
+    --reward judge the response is a sampled continuation scored by the judge (rollouts.token_rollout),
+    with --reward label it is the choice of an ending (HellaswagChoiceTask's rollout and forward). Evaluation is
     hellaswag.evaluate on the first --eval-prompts val rows for the policy and, once, the start model."""
 
     REWARDS = {"label": LabelReward, "judge": JudgeReward}
+    SHOW_CHARS = 120
 
-    def __new__(cls, cfg, info, rt):
-        if cls is HellaswagTask and cfg.reward == "label":
-            cls = HellaswagChoiceTask
-        return super().__new__(cls)
+    @classmethod
+    def build(cls, cfg, info: dict, rt) -> HellaswagTask:
+        """The task for --reward: free completion (this class) for judge, the choice task for label."""
+        return (HellaswagChoiceTask if cfg.reward == "label" else HellaswagTask)(cfg, info, rt)
 
     def __init__(self, cfg, info: dict, rt):
         if cfg.reward not in self.REWARDS:
@@ -324,17 +327,13 @@ class HellaswagTask:
         scores = torch.where(scored.to(response.device), raw, torch.full_like(raw, self.cfg.judge_empty_score))
         return scores, raw
 
-    def show(self, query: list[int], response_text: str, width: int = 120) -> str:
-        text = self.enc.decode(query)
-        return f"{'...' + text[-width:] if len(text) > width else text!r} -> {response_text!r}"
-
     def checkpoint_extra(self) -> dict:
         return {"hellaswag": self.info}
 
     # --- evaluation
 
     @torch.no_grad()
-    def evaluate(self, policy: GPT, ref: GPT) -> dict:
+    def evaluate_policy(self, policy: GPT, ref: GPT) -> tuple[dict, list[str]]:
         """acc and acc_norm on the val rows, completion and harness styles, overall and by split_type, for
         the policy and (measured once) the start model; with a judge, also the judge's mean score of
         greedy continuations of the first val contexts."""
@@ -345,7 +344,7 @@ class HellaswagTask:
         else:
             record = self._measure(policy, "eval")
         record.update(self.start)
-        return record
+        return record, []
 
     def _measure(self, model: GPT, prefix: str) -> dict:
         results = hellaswag.evaluate(model, self.eval_rows, self.rt, "both", batch_size=self.cfg.micro_batch,
@@ -427,8 +426,9 @@ class HellaswagChoiceTask(HellaswagTask):
                            entropy=torch.special.entr(logp_all.exp()).sum(-1, keepdim=True))
         return ro, {"t_gen": time.time() - t0 - t_score, "t_score": t_score, "gen_tokens": float(B * K)}
 
-    def evaluate(self, policy: GPT, ref: GPT) -> dict:
-        return {**super().evaluate(policy, ref), "eval_choice_kl": self.choice_kl_on_val(policy, ref)}
+    def evaluate_policy(self, policy: GPT, ref: GPT) -> tuple[dict, list[str]]:
+        record, samples = super().evaluate_policy(policy, ref)
+        return {**record, "eval_choice_kl": self.choice_kl_on_val(policy, ref)}, samples
 
     @torch.no_grad()
     def choice_kl_on_val(self, policy: GPT, ref: GPT, rows: int = 64) -> float:

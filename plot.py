@@ -71,6 +71,16 @@ def _figure(n_panels: int, height: float = 3.2):
     return plt, fig, list(axes.flat)
 
 
+def _label(ax, title: str, xlabel: str, ylabel: str | None, title_size: float | None = None, legend_size: float = 8):
+    """A panel's title, axis labels, grid and legend."""
+    ax.set_title(title, fontsize=title_size)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +103,7 @@ def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
             ax.plot(*zip(*train), lw=1, alpha=0.8, label="train loss")
         if val:
             ax.plot(*zip(*val), "o-", ms=4, label="val loss")
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        _label(ax, name, "step", "loss")
     return _save(plt, fig, path)
 
 
@@ -112,11 +118,7 @@ def plot_hellaswag(logs: dict[str, list[dict]], path: Path) -> Path | None:
     for name, label, s in curves:
         ax.plot(*zip(*s), "o-", ms=4, label=f"{name}: {label}" if several else label)
     ax.axhline(0.25, color="gray", ls="--", lw=1, label="chance")
-    ax.set_title("HellaSwag during pretraining")
-    ax.set_xlabel("step")
-    ax.set_ylabel("acc_norm")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _label(ax, "HellaSwag during pretraining", "step", "acc_norm")
     return _save(plt, fig, path)
 
 
@@ -159,10 +161,7 @@ def plot_ppo(logs: dict[str, list[dict]], path: Path) -> Path | None:
                     axes[2].plot(*zip(*s), style, ms=4, lw=1, color=color(c), label=p + label)
     titles = ("reward", "KL to the SFT reference (nats per response)", "gold score (greedy eval)")
     for ax, title in zip(axes, titles):
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _label(ax, title, "PPO step", None, title_size=10, legend_size=7)
     return _save(plt, fig, path)
 
 

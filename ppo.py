@@ -30,7 +30,6 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -40,10 +39,12 @@ import summaries
 import tldr
 from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, model_state_dict,
                          prompt_info, resolve_ckpt, rng_state, same_weights, save_checkpoint)
-from common import UserError, all_reduce_sum, check_flags, cli_main, get_tokenizer, print0
+from common import UserError, all_reduce_sum, check_flags, cli_main, print0
 from model import EOS_ID, GPT, PAD_ID, ScoreModel, last_real_index, left_pad, sampling_logprobs
-from training import (RunFlags, init_runtime, micro_steps, prepare_for_training, restore_training_state, start_run,
-                      use_compile)
+from rollouts import (Rollout, Task, TokenActions, chunks, masked, response_logits, response_texts, token_logprobs,
+                      unflatten)
+from training import (RunFlags, init_runtime, micro_steps, prepare_for_training, restore_training_state, set_lr,
+                      start_run, use_compile)
 
 STAGE = "ppo"
 POLICY_STAGES = ("sft",)
@@ -119,11 +120,6 @@ PRESETS = {
 
 # -----------------------------------------------------------------------------
 # the PPO math: pure functions on (B, N) response tensors; `mask` marks real response tokens (EOS included)
-
-def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x where mask is 1, else 0 - also where x is -inf or nan there (the log-prob of a pad token)."""
-    return torch.where(mask.bool(), x, torch.zeros_like(x))
-
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the positions where mask is 1, over every rank."""
@@ -219,31 +215,6 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float("nan") if v == 0 else 1.0 - var(returns - values).item() / v
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (...) of `tokens` under the sampling distribution at `temperature` (model.sampling_logprobs,
-    exactly what generate() draws from) and the full (..., V) log-probs."""
-    logp_all = sampling_logprobs(logits, temperature)
-    return logp_all.gather(-1, tokens[..., None]).squeeze(-1), logp_all
-
-
-def response_logits(model: GPT, idx: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
-    """Logits (K, V) at the positions that predict the K real response tokens (row-major order) of
-    left-padded prompts followed by right-padded responses from column `start` on. The vocabulary
-    projection, most of a small model's cost, runs nowhere else: not on the prompt, not on padding."""
-    h = model.hidden_states(idx, attention_mask)[:, start - 1:-1]   # position t predicts token t+1
-    return model.logits(h[attention_mask[:, start:].bool()])
-
-
-def unflatten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(K,) values at the real tokens of a (B, N) mask, row-major → (B, N) with 0 elsewhere (differentiable)."""
-    return torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_scatter(mask.bool(), x)
-
-
-def entropy(logp_all: torch.Tensor) -> torch.Tensor:
-    """Entropy (B, N) of distributions given as log-probs (-inf entries contribute 0)."""
-    return torch.special.entr(logp_all.exp()).sum(-1)
-
-
 class KLController:
     """beta of the KL penalty: fixed, or adaptive (Ziegler et al. 2019): moved by a proportional error
     clipped to +-20%, at a rate of (rollouts this step / horizon)."""
@@ -260,21 +231,6 @@ class KLController:
 
 # -----------------------------------------------------------------------------
 # models
-
-class PolicyAndValue(nn.Module):
-    """Policy and value model under one module: one DDP wrapper, one optimizer, one clipped gradient norm.
-    forward → the policy's logits (K, V) at the K real response tokens, and the values (B, N) of the
-    states before each response token."""
-
-    def __init__(self, policy: GPT, value: ScoreModel):
-        super().__init__()
-        self.policy, self.value = policy, value
-
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor, start: int):
-        logits = response_logits(self.policy, idx, attention_mask, start)          # (K, V)
-        values = self.value(idx, attention_mask)[:, start - 1:-1]                  # (B, N)
-        return logits, values
-
 
 def frozen(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
@@ -303,13 +259,17 @@ class RewardModelReward:
         return copy.deepcopy(self.model).train().requires_grad_(True)
 
 
-class TldrTask:
+class TldrTask(TokenActions):
     """--task tldr: summarize Reddit posts. Prompts are tldr.py's template with the SFT checkpoint's
     budgets (left-padded for generation), a response is a sampled summary ended by EOS, its score is the
     reward source's, or --missing-eos-score when it never ends. Evaluation adds the gold score of
     synthetic.py's world when the posts come from it."""
 
     REWARDS = {"rm": RewardModelReward}
+
+    @classmethod
+    def build(cls, cfg: Config, info: dict, rt) -> TldrTask:
+        return cls(cfg, info, rt)
 
     @staticmethod
     def load_policy(cfg: Config, resume: dict | None) -> tuple[GPT, GPT, dict]:
@@ -318,7 +278,8 @@ class TldrTask:
     def __init__(self, cfg: Config, info: dict, rt):
         if cfg.reward not in self.REWARDS:
             raise UserError(f"--task tldr takes --reward {' or '.join(self.REWARDS)}, not {cfg.reward!r}")
-        self.cfg, self.info = cfg, info
+        self.cfg, self.info, self.rt = cfg, info, rt
+        self.baseline: dict = {}  # the SFT model's greedy summaries of the eval posts, computed once
         self.train_posts = [e.post for e in tldr.load_sft(cfg.data, cfg.train_split)]
         self.eval_posts = [e.post for e in tldr.load_sft(cfg.data, cfg.eval_split)[:cfg.eval_prompts]]
         self.reward = self.REWARDS[cfg.reward](cfg, rt)
@@ -335,9 +296,6 @@ class TldrTask:
 
     def train_prompts(self, indices: list[int]) -> list[list[int]]:
         return [self.prompt(self.train_posts[i]) for i in indices]
-
-    def eval_items(self, rank: int, world_size: int) -> list[tldr.Post]:
-        return self.eval_posts[rank::world_size]
 
     @torch.no_grad()
     def respond(self, policy: GPT, query: torch.Tensor, query_mask: torch.Tensor, temperature: float,
@@ -358,117 +316,36 @@ class TldrTask:
         """Per-item quality measures beyond the reward: the gold score on generated data."""
         return {"gold": summaries.gold_scores(posts, texts)} if self.gold else {}
 
-    def show(self, query: list[int], response_text: str, width: int = 160) -> str:
-        text = get_tokenizer().decode(query)
-        text = text if len(text) <= width else "..." + text[-width:]
-        return f"{text!r} -> {response_text!r}"
-
     def checkpoint_extra(self) -> dict:
         return {"tldr": self.info}
 
+    @torch.no_grad()
+    def evaluate_policy(self, policy: GPT, ref: GPT) -> tuple[dict, list[str]]:
+        """Greedy summaries of the held-out posts: mean score, KL to the reference, win rate against the
+        SFT model's summaries of the same posts as judged by the reward source, response length, EOS
+        share, and gold scores (policy and SFT) on generated data; two summaries as sample lines."""
+        cfg, rt = self.cfg, self.rt
+        posts = self.eval_posts[rt.rank::rt.world_size]
+        if not self.baseline:  # the reference never changes
+            self.baseline.update(greedy_responses(self, ref, ref, posts, cfg, rt))
+        baseline = self.baseline
+        # a policy not yet updated is the SFT model: its summaries are the baseline's
+        mine = baseline if same_weights(policy, ref) else greedy_responses(self, policy, ref, posts, cfg, rt)
+        wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine["scores"], baseline["scores"])]
+        per_item = {"eval_score": mine["scores"], "eval_rm_score": mine["raw_scores"], "eval_kl": mine["kl"],
+                    "eval_win_rate": wins, "eval_length": mine["length"], "eval_eos": mine["ended"],
+                    "sft_score": baseline["scores"]}
+        if "gold" in mine:
+            per_item.update(eval_gold=mine["gold"], sft_gold=baseline["gold"])
+        samples = [f"eval sample: ...{p.post[-80:]!r} -> {t!r}" for p, t in zip(posts[:2], mine["texts"][:2])]
+        return global_means(per_item, rt.device), samples
 
-# A task whose action is not a sequence of tokens (hellaswag --reward label: a choice among 4 endings)
-# also brings `rollout(...)` and `policy_and_value(policy, value)`; a task with its own benchmark brings
-# `evaluate(policy, ref) -> record`. Each class loads its starting policy with `load_policy(cfg, resume)`.
-TASKS = {"tldr": TldrTask, "hellaswag": hellaswag_task.HellaswagTask}
 
-
-def response_texts(response: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    """Decoded responses up to their EOS."""
-    return [summaries.decode_summary(row[m.bool()].tolist()) for row, m in zip(response.cpu(), mask.cpu())]
-
-
-def pad_cat(chunks: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Concatenate (b, n_i) chunks along rows, right-padding each to the longest n_i."""
-    n = max(c.size(1) for c in chunks)
-    return torch.cat([torch.nn.functional.pad(c, (0, n - c.size(1)), value=value) for c in chunks])
-
-
-def chunks(n: int, size: int) -> list[slice]:
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+TASKS: dict[str, type[Task]] = {"tldr": TldrTask, "hellaswag": hellaswag_task.HellaswagTask}
 
 
 # -----------------------------------------------------------------------------
 # rollout and evaluation
-
-@dataclass
-class Rollout:
-    """One rank's share of a PPO step: prompt + response tokens and everything PPO computes on them."""
-    idx: torch.Tensor           # (B, T0 + N) left-padded prompts, then right-padded responses
-    attention_mask: torch.Tensor  # (B, T0 + N)
-    start: int                  # T0: where responses begin
-    mask: torch.Tensor          # (B, N) float: real response tokens (EOS included)
-    logprobs: torch.Tensor      # (B, N) policy log-probs at the rollout temperature
-    ref_logprobs: torch.Tensor  # (B, N) reference log-probs at the same temperature
-    values: torch.Tensor        # (B, N) value of the state before each response token
-    scores: torch.Tensor        # (B,) reward-model score, or the missing-EOS score
-    raw_scores: torch.Tensor    # (B,) reward-model score as given
-    entropy: torch.Tensor       # (B, N) entropy of the policy's sampling distribution
-    group = 1                   # rows per prompt that share one forward (a class constant: one response per prompt)
-
-    @property
-    def response(self) -> torch.Tensor:
-        return self.idx[:, self.start:]
-
-    @property
-    def actions(self) -> torch.Tensor:
-        """(B, N) what the policy chose at each step: the response tokens."""
-        return self.response
-
-    def forward_args(self, rows: torch.Tensor) -> tuple:
-        """Arguments of the policy+value forward for these rows."""
-        return self.idx[rows], self.attention_mask[rows], self.start
-
-    def show(self, task, i: int) -> str:
-        query = self.idx[i, :self.start][self.attention_mask[i, :self.start].bool()].tolist()
-        return task.show(query, response_texts(self.response[i:i + 1].cpu(), self.mask[i:i + 1].cpu())[0])
-
-
-@torch.no_grad()
-def rollout(task, prompts: list[list[int]], policy: GPT, pv: nn.Module, ref: GPT, cfg: Config, rt,
-            generator: torch.Generator) -> tuple[Rollout, dict]:
-    """Sample responses with `policy`, then one forward per model over prompt + response with logits at
-    response positions only: policy log-probs and values (one pass through `pv`, the PolicyAndValue forward
-    the update uses, so that the first ratio is exactly 1), reference log-probs, scores."""
-    query, query_mask = (t.to(rt.device) for t in left_pad(prompts, PAD_ID))
-    B, T0 = query.shape
-    t0 = time.time()
-    responses, masks = [], []
-    for c in chunks(B, cfg.gen_batch or B):
-        with rt.autocast():
-            tokens, mask = task.respond(policy, query[c], query_mask[c], cfg.temperature, generator)
-        responses.append(tokens)
-        masks.append(mask)
-    response, response_mask = pad_cat(responses, PAD_ID), pad_cat(masks, 0)
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize()
-    t_gen = time.time() - t0
-
-    t0 = time.time()
-    idx, attention_mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-    out = {k: [] for k in ("logprobs", "ref_logprobs", "values", "entropy", "scores", "raw_scores")}
-    for c in chunks(B, cfg.micro_batch):
-        real = response_mask[c].bool()
-        with rt.autocast():
-            logits, values = pv(idx[c], attention_mask[c], T0)
-            ref_logits = response_logits(ref, idx[c], attention_mask[c], T0)
-        logp, logp_all = token_logprobs(logits, response[c][real], cfg.temperature)
-        out["logprobs"].append(unflatten(logp, real))
-        out["entropy"].append(unflatten(entropy(logp_all), real))
-        del logits, logp_all
-        out["ref_logprobs"].append(unflatten(token_logprobs(ref_logits, response[c][real], cfg.temperature)[0], real))
-        out["values"].append(values.float())
-        scores, raw = task.score(query[c], query_mask[c], response[c], response_mask[c])
-        out["scores"].append(scores)
-        out["raw_scores"].append(raw)
-    mask = response_mask.float()
-    out = {k: torch.cat(v) for k, v in out.items()}
-    out["values"] = masked(out["values"], mask)  # padding carries nothing
-    if rt.device_type == "cuda":
-        torch.cuda.synchronize()
-    timing = {"t_gen": t_gen, "t_score": time.time() - t0, "gen_tokens": mask.sum().item()}
-    return Rollout(idx=idx, attention_mask=attention_mask, start=T0, mask=mask, **out), timing
-
 
 @torch.no_grad()
 def path_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -514,25 +391,6 @@ def global_means(values: dict[str, list[float]], device) -> dict[str, float]:
     sums = all_reduce_sum(torch.tensor([sum(values[k]) for k in keys] + [n], dtype=torch.float64, device=device))
     count = max(1.0, sums[-1].item())
     return {k: sums[i].item() / count for i, k in enumerate(keys)}
-
-
-@torch.no_grad()
-def evaluate(task, policy: GPT, ref: GPT, baseline: dict, cfg: Config, rt) -> dict:
-    """Greedy summaries of the held-out posts: mean score, KL to the reference, win rate against the
-    SFT model's summaries of the same posts as judged by the reward source, response length, EOS share,
-    and gold scores (policy and SFT) when the task has them."""
-    posts = task.eval_items(rt.rank, rt.world_size)
-    # a policy not yet updated is the SFT model: its summaries are the baseline's
-    mine = baseline if same_weights(policy, ref) else greedy_responses(task, policy, ref, posts, cfg, rt)
-    wins = [float(a > b) + 0.5 * float(a == b) for a, b in zip(mine["scores"], baseline["scores"])]
-    per_item = {"eval_score": mine["scores"], "eval_rm_score": mine["raw_scores"], "eval_kl": mine["kl"],
-                "eval_win_rate": wins, "eval_length": mine["length"], "eval_eos": mine["ended"],
-                "sft_score": baseline["scores"]}
-    if "gold" in mine:
-        per_item.update(eval_gold=mine["gold"], sft_gold=baseline["gold"])
-    record = global_means(per_item, rt.device)
-    record["eval_samples"] = [{"post": p.post[-200:], "summary": t} for p, t in zip(posts[:2], mine["texts"][:2])]
-    return record
 
 
 # -----------------------------------------------------------------------------
@@ -646,17 +504,13 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 10_007 + rank) % (2 ** 63)
 
 
-def main(cfg: Config) -> dict:
-    # --- config
-    rt = init_runtime(cfg)
-    check_config(cfg, rt.world_size)
-    ckpt_path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
-
-    # --- models: 1. policy and frozen reference from SFT, reward source, value model from the reward model
-    resume = load_checkpoint(ckpt_path, STAGE, "cpu") if cfg.resume else None
+def load_models(cfg: Config, rt, resume: dict | None, ckpt_path) -> tuple[Task, GPT, GPT, ScoreModel, nn.Module]:
+    """(task, policy, frozen reference, value model, policy+value module on the device): the policy and
+    reference from the task's starting model (SFT for tldr), the value model from the reward source (or,
+    on --resume, the checkpoint's)."""
     policy, ref, info = TASKS[cfg.task].load_policy(cfg, resume)
     ref.to(rt.device)
-    task = TASKS[cfg.task](cfg, info, rt)
+    task = TASKS[cfg.task].build(cfg, info, rt)
     if resume is not None:
         value = build_from_checkpoint({"model_config": resume["value_config"], "model": resume["value_model"]},
                                       ScoreModel, dropout=0.0, where=f"{ckpt_path} (value model)")
@@ -665,8 +519,59 @@ def main(cfg: Config) -> dict:
     if value.config.block_size < info["max_prompt_tokens"] + cfg.response_length:
         raise UserError(f"the value/reward model's block size {value.config.block_size} is below prompt budget + "
                         f"--response-length ({info['max_prompt_tokens']} + {cfg.response_length})")
-    pv = (task.policy_and_value(policy, value) if hasattr(task, "policy_and_value")
-          else PolicyAndValue(policy, value)).to(rt.device)
+    return task, policy, ref, value, task.policy_and_value(policy, value).to(rt.device)
+
+
+def step_record(ro, kl: torch.Tensor, stats: dict, timing: dict, rt, kl_coef: float, explained_var: float,
+                lr: float) -> tuple[dict, float]:
+    """The step's log record (rollout statistics over every rank, the update's, timings) and the number of
+    rollouts over every rank."""
+    n = torch.tensor(float(ro.mask.size(0)), device=rt.device)
+    seq = all_reduce_sum(torch.stack([n, ro.scores.sum(), (ro.scores ** 2).sum(), ro.raw_scores.sum(),
+                                      kl.sum(), ro.mask.sum(), ((ro.response == EOS_ID) & ro.mask.bool()).any(1).float().sum(),
+                                      torch.tensor(timing["gen_tokens"], device=rt.device)]).double())
+    n_all, s, s2, raw, kl_sum, tokens, ended, gen_tokens = seq.tolist()
+    score_mean = s / n_all
+    return {"score": score_mean, "score_std": math.sqrt(max(0.0, s2 / n_all - score_mean ** 2)),
+            "rm_score": raw / n_all, "kl": kl_sum / n_all, "kl_coef": kl_coef,
+            "entropy": masked_mean(ro.entropy, ro.mask).item(), **stats, "explained_var": explained_var,
+            "resp_len": tokens / n_all, "eos_rate": ended / n_all, "lr": lr,
+            "gen_tok_per_s": gen_tokens / max(timing["t_gen"], 1e-9), "t_gen": timing["t_gen"],
+            "t_score": timing["t_score"]}, n_all
+
+
+def check_rollout(ro, step: int):
+    bad = all_reduce_sum(torch.stack([(~torch.isfinite(ro.raw_scores)).sum(), (~torch.isfinite(ro.values)).sum()]))
+    if bad.sum() > 0:  # decided on every rank alike, so that no rank waits for another forever
+        raise UserError(f"the {'reward' if bad[0] else 'value'} model returned non-finite scores at step {step}")
+
+
+def evaluate_and_log(task: Task, policy: GPT, ref: GPT, run, step: int, metrics: dict):
+    record, sample_lines = task.evaluate_policy(policy, ref)
+    run.logger.log(record, step, kind="eval")
+    for line in sample_lines:
+        print0(line)
+    metrics.update(record)
+
+
+def sample_table(ro, task: Task, rows: int) -> list[dict]:
+    """The first rollouts of the step with their scores, printed and returned for the log."""
+    table = []
+    for i in range(min(rows, ro.mask.size(0))):
+        table.append({"score": ro.scores[i].item(), "sample": ro.show(task, i)})
+        print0(f"  sample {i} | score {ro.scores[i].item():+.3f} | {table[-1]['sample']}")
+    return table
+
+
+def main(cfg: Config) -> dict:
+    # --- config
+    rt = init_runtime(cfg)
+    check_config(cfg, rt.world_size)
+    ckpt_path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
+
+    # --- models: 1. policy and frozen reference from SFT, reward source, value model from the reward model
+    resume = load_checkpoint(ckpt_path, STAGE, "cpu") if cfg.resume else None
+    task, policy, ref, value, pv = load_models(cfg, rt, resume, ckpt_path)
 
     # --- data: prompts in an order shuffled per epoch, each rank rolling out its slice of every batch
     if len(task) < cfg.rollout_batch:
@@ -691,46 +596,18 @@ def main(cfg: Config) -> dict:
                     f"minibatches, {len(task):,} prompts", ckpt_path)
     if run.nothing_to_do:
         return metrics
-    logger = run.logger
-
-    baseline: dict = {}
-
-    def run_eval(step: int):
-        if hasattr(task, "evaluate"):  # a task with its own benchmark (hellaswag: accuracy on the val split)
-            record, samples = task.evaluate(policy, ref), []
-        else:
-            if not baseline:  # the SFT model's greedy summaries: computed once, the reference never changes
-                baseline.update(greedy_responses(task, ref, ref, task.eval_items(rt.rank, rt.world_size), cfg, rt))
-            record = evaluate(task, policy, ref, baseline, cfg, rt)
-            samples = record.pop("eval_samples")
-        logger.log(record, step, kind="eval")
-        if rt.master:
-            for s in samples:
-                print0(f"eval sample: ...{s['post'][-80:]!r} -> {s['summary']!r}")
-        metrics.update(record)
-
-    def save(step: int):
-        if rt.master:
-            save_checkpoint(ckpt_path, stage=STAGE, model=policy, step=step, config=cfg, metrics=metrics,
-                            optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state(),
-                            value_model=model_state_dict(value), value_config=asdict(value.config),
-                            kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
-            run.saved(ckpt_path, step)
 
     # --- loop
     if start_step == 0:
-        run_eval(0)
+        evaluate_and_log(task, policy, ref, run, 0, metrics)
     for step in range(start_step, run.end):
         t_step = time.time()
         # 2. rollouts: this rank's share of the prompts, sampled at the rollout temperature
         gen = torch.Generator(device=rt.device).manual_seed(step_seed(cfg.seed, step, rt.rank))
         prompts = task.train_prompts(loader.next_indices(cfg.rollout_batch // rt.world_size))
         pv.eval()
-        ro, timing = (task.rollout if hasattr(task, "rollout") else partial(rollout, task))(
-            prompts, policy, fwd, ref, cfg, rt, gen)
-        bad = all_reduce_sum(torch.stack([(~torch.isfinite(ro.raw_scores)).sum(), (~torch.isfinite(ro.values)).sum()]))
-        if bad.sum() > 0:  # decided on every rank alike, so that no rank waits for another forever
-            raise UserError(f"the {'reward' if bad[0] else 'value'} model returned non-finite scores at step {step}")
+        ro, timing = task.rollout(prompts, policy, fwd, ref, cfg, rt, gen)
+        check_rollout(ro, step)
 
         # 3. rewards: per-token KL penalty, the score at the last response token
         rewards, kl = kl_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, kl_ctl.value)
@@ -744,45 +621,32 @@ def main(cfg: Config) -> dict:
         # 5. update: ppo_epochs x num_minibatches clipped policy + value steps
         t0 = time.time()
         lr = cfg.lr * (1.0 - step / cfg.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         pv.train()
         shuffle = torch.Generator().manual_seed(step_seed(cfg.seed, step, rt.rank))
         stats = ppo_update(model, optimizer, scaler, ro, advantages, returns, cfg, rt, step, shuffle)
         t_update = time.time() - t0
 
-        # 6. log, adapt beta
-        n = torch.tensor(float(ro.mask.size(0)), device=rt.device)
-        seq = all_reduce_sum(torch.stack([n, ro.scores.sum(), (ro.scores ** 2).sum(), ro.raw_scores.sum(),
-                                          kl.sum(), ro.mask.sum(), ((ro.response == EOS_ID) & ro.mask.bool()).any(1).float().sum(),
-                                          torch.tensor(timing["gen_tokens"], device=rt.device)]).double())
-        n_all, s, s2, raw, kl_sum, tokens, ended, gen_tokens = seq.tolist()
-        score_mean = s / n_all
-        kl_mean = kl_sum / n_all
-        record = {"score": score_mean, "score_std": math.sqrt(max(0.0, s2 / n_all - score_mean ** 2)),
-                  "rm_score": raw / n_all, "kl": kl_mean, "kl_coef": kl_ctl.value,
-                  "entropy": masked_mean(ro.entropy, ro.mask).item(), **stats,
-                  "explained_var": explained_variance(ro.values, returns, ro.mask),
-                  "resp_len": tokens / n_all, "eos_rate": ended / n_all, "lr": lr,
-                  "gen_tok_per_s": gen_tokens / max(timing["t_gen"], 1e-9), "t_gen": timing["t_gen"],
-                  "t_score": timing["t_score"], "t_update": t_update, "dt": time.time() - t_step}
+        # 6. log, adapt beta (by the rollouts of this step over all ranks: samples, not prompts)
+        record, n_rollouts = step_record(ro, kl, stats, timing, rt, kl_ctl.value,
+                                         explained_variance(ro.values, returns, ro.mask), lr)
+        record.update(t_update=t_update, dt=time.time() - t_step)
         run.log_step(record, step)
-        kl_ctl.update(kl_mean, int(n_all))  # rollouts this step over all ranks (samples, not prompts)
-        metrics.update(score=score_mean, kl=kl_mean, step=step + 1)
-
+        kl_ctl.update(record["kl"], int(n_rollouts))
+        metrics.update(score=record["score"], kl=record["kl"], step=step + 1)
         if rt.master and cfg.sample_every and cfg.sample_rows and step % cfg.sample_every == 0:
-            rows = min(cfg.sample_rows, ro.mask.size(0))
-            table = []
-            for i in range(rows):
-                table.append({"score": ro.scores[i].item(), "sample": ro.show(task, i)})
-                print0(f"  sample {i} | score {ro.scores[i].item():+.3f} | {table[-1]['sample']}")
-            logger.log({"samples": table}, step, kind="sample", echo=False)
+            run.logger.log({"samples": sample_table(ro, task, cfg.sample_rows)}, step, kind="sample", echo=False)
 
         done = step + 1
         if run.is_last(done) or run.is_due(done, cfg.eval_every):
-            run_eval(done)
+            evaluate_and_log(task, policy, ref, run, done, metrics)
         if run.is_last(done) or run.is_due(done, cfg.save_every):
-            save(done)
+            if rt.master:
+                save_checkpoint(ckpt_path, stage=STAGE, model=policy, step=done, config=cfg, metrics=metrics,
+                                optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state(),
+                                value_model=model_state_dict(value), value_config=asdict(value.config),
+                                kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
+                run.saved(ckpt_path, done)
     return run.finish(metrics)
 
 

@@ -164,6 +164,24 @@ def train_step(model, scaler, batches: list, rt) -> tuple[float, float, float]:
     return all_reduce_sum(loss_sum).item(), n_targets.item(), n_tokens
 
 
+def sample_scores(model: GPT, shown: list, cfg: Config, rt, info: dict, scorer, logger, step: int) -> dict:
+    """Greedy summaries of the shown validation posts: a few printed, all logged as a sample table, and
+    their ROUGE against the references and gold score (on generated data) as the flags ask."""
+    texts = summaries.generate_summaries(model, [e.post for e in shown], rt, cfg.eval_batch, cfg.max_summary_tokens,
+                                         max_prompt_tokens=cfg.max_prompt_tokens, template=info["template"])
+    for e, s in list(zip(shown, texts))[:cfg.num_samples]:
+        print0(f"  post:      {e.post.post[:150]!r}...\n  reference: {e.summary!r}\n  generated: {s!r}")
+    record = {}
+    if cfg.rouge_samples:
+        record.update(summaries.rouge(scorer, texts[:cfg.rouge_samples], [e.summary for e in shown[:cfg.rouge_samples]]))
+    if cfg.gold_samples:
+        record["gold_score"] = summaries.mean_gold_score([e.post for e in shown[:cfg.gold_samples]],
+                                                         texts[:cfg.gold_samples])
+    logger.log({"samples": [{"reference": e.summary, "generated": s} for e, s in zip(shown, texts)]},
+               step, kind="sample", echo=False)
+    return record
+
+
 def main(cfg: Config) -> dict:
     # --- config
     check_config(cfg)
@@ -216,19 +234,7 @@ def main(cfg: Config) -> dict:
     def evaluate_and_save(step: int):
         record = {"val_loss": val_loss(raw, data.val_pairs, rt, cfg.eval_batch, rt.master)}
         if rt.master and shown:
-            texts = summaries.generate_summaries(raw, [e.post for e in shown], rt, cfg.eval_batch,
-                                                 cfg.max_summary_tokens, max_prompt_tokens=cfg.max_prompt_tokens,
-                                                 template=info["template"])
-            for e, s in list(zip(shown, texts))[:cfg.num_samples]:
-                print0(f"  post:      {e.post.post[:150]!r}...\n  reference: {e.summary!r}\n  generated: {s!r}")
-            if cfg.rouge_samples:
-                record.update(summaries.rouge(scorer, texts[:cfg.rouge_samples],
-                                              [e.summary for e in shown[:cfg.rouge_samples]]))
-            if cfg.gold_samples:
-                record["gold_score"] = summaries.mean_gold_score([e.post for e in shown[:cfg.gold_samples]],
-                                                                 texts[:cfg.gold_samples])
-            run.logger.log({"samples": [{"reference": e.summary, "generated": s} for e, s in zip(shown, texts)]},
-                           step, kind="sample", echo=False)
+            record.update(sample_scores(raw, shown, cfg, rt, info, scorer, run.logger, step))
         improved = record["val_loss"] < metrics["best_val_loss"]
         metrics.update(record)
         if improved:

@@ -149,6 +149,11 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)
 
 
+def set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: float, step: int) -> tuple[float, bool]:
     """A training stage's optimizer step once its gradients are accumulated: stop with a clear message
     when the step's loss (all ranks) is not finite, set the learning rate, unscale, clip (0: no
@@ -157,8 +162,7 @@ def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: 
     if not math.isfinite(loss):
         raise UserError(f"loss is {loss} at step {step}: training diverged; resume from the last checkpoint "
                         f"with a lower --max-lr, or use --dtype float32/bfloat16")
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     scale = scaler.get_scale()

@@ -20,7 +20,7 @@ import hellaswag_task as ht
 import ppo
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError, compute_init, config_from, get_tokenizer
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, unigram_gpt as rigged_gpt
 from judges import Judge, judge_pair_tokens
 from model import GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, build_model
 
@@ -31,20 +31,9 @@ UNICODE = "Zoë's café – naïve 😀 ünïcödé"
 # the choice policy against hand values
 
 def unigram_gpt(boost: dict[str, float], seed: int = 0) -> GPT:
-    """A GPT whose next-token logits ignore the context: ln_f always outputs e0, so logits = wte[:, 0],
-    set to `boost` (token text → logit) and 0 elsewhere."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
-    enc = get_tokenizer()
-    with torch.no_grad():
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.zero_()
-        model.transformer.ln_f.bias[0] = 1.0
-        model.transformer.wte.weight[:, 0] = 0.0
-        for word, value in boost.items():
-            (tok,) = enc.encode_ordinary(word)
-            model.transformer.wte.weight[tok, 0] = value
-    return model.eval()
+    """A GPT whose next-token logits ignore the context (conftest.unigram_gpt): `boost` (token text → logit)
+    and 0 elsewhere."""
+    return rigged_gpt(boost, GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32), seed).eval()
 
 
 def hand_logp(boost: dict[str, float], word: str) -> float:
@@ -160,7 +149,7 @@ def test_choice_rollout_logprobs_equal_hellaswag_scores_and_the_update_forward(t
     cfg = _cfg(tiny_init, synthetic_dir, tmp_path, micro_batch=3, lr=0.0, temperature=0.8)
     rt = compute_init(0, "cpu", "float32")
     policy, ref, info = ppo.TASKS["hellaswag"].load_policy(cfg, None)
-    task = ppo.TASKS["hellaswag"](cfg, info, rt)
+    task = ppo.TASKS["hellaswag"].build(cfg, info, rt)
     assert isinstance(task, ht.HellaswagChoiceTask)
     pv = task.policy_and_value(policy, task.reward.value_model()).eval()
     items = task.train_prompts(list(range(8)))
@@ -192,7 +181,7 @@ def test_several_samples_per_context_share_its_forward(tiny_init, synthetic_dir,
     cfg = _cfg(tiny_init, synthetic_dir, tmp_path, micro_batch=2, lr=0.0, samples_per_prompt=K)
     rt = compute_init(0, "cpu", "float32")
     policy, ref, info = ppo.TASKS["hellaswag"].load_policy(cfg, None)
-    task = ppo.TASKS["hellaswag"](cfg, info, rt)
+    task = ppo.TASKS["hellaswag"].build(cfg, info, rt)
     pv = task.policy_and_value(policy, task.reward.value_model()).eval()
     items = task.train_prompts(list(range(8)))
     ro, timing = task.rollout(items, policy, pv, ref, cfg, rt, torch.Generator().manual_seed(3))
@@ -370,7 +359,7 @@ def test_gpt2_tokens_reach_the_judge_as_text(hf_judges, tiny_init, synthetic_dir
     cfg = _cfg(tiny_init, synthetic_dir, tmp_path, reward="judge", judge=str(hf_judges[0]), judge_empty_score=-7.0)
     rt = compute_init(0, "cpu", "float32")
     _, _, info = ppo.TASKS["hellaswag"].load_policy(cfg, None)
-    task = ppo.TASKS["hellaswag"](cfg, info, rt)
+    task = ppo.TASKS["hellaswag"].build(cfg, info, rt)
     context, cont = "She bought a cup at the", f" {UNICODE}. And then more"
     ctx_ids, cont_ids = enc.encode_ordinary(context), enc.encode_ordinary(cont)
     query, qmask = (torch.tensor([[PAD_ID] + ctx_ids, [PAD_ID] + ctx_ids]), torch.tensor([[0] + [1] * len(ctx_ids)] * 2))

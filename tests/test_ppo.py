@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import ppo
+import rollouts
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError, compute_init, config_from
@@ -179,10 +180,10 @@ def test_rollout_logprobs_equal_generate_and_the_first_update_forward(tiny_ckpts
     rt = compute_init(0, "cpu", "float32")
     policy, ref, info = ppo.load_policy(cfg, None)
     task = ppo.TldrTask(cfg, info, rt)
-    pv = ppo.PolicyAndValue(policy, task.reward.value_model())
+    pv = rollouts.PolicyAndValue(policy, task.reward.value_model())
     prompts = task.train_prompts(list(range(8)))
     assert len({len(p) for p in prompts}) > 1  # left padding really happens
-    ro, _ = ppo.rollout(task, prompts, policy, pv, ref, cfg, rt, torch.Generator().manual_seed(3))
+    ro, _ = rollouts.token_rollout(task, prompts, policy, pv, ref, cfg, rt, torch.Generator().manual_seed(3))
     lengths = ro.mask.sum(1)
     assert lengths.min() < ro.mask.size(1) and (ro.response == EOS_ID).any()  # some responses end early
 
@@ -198,7 +199,7 @@ def test_rollout_logprobs_equal_generate_and_the_first_update_forward(tiny_ckpts
         n = int(lengths[i])
         row = torch.tensor([prompts[i] + ro.response[i, :n].tolist()])
         logits, _ = policy(row, logits_at=slice(len(prompts[i]) - 1, -1))
-        alone, _ = ppo.token_logprobs(logits, ro.response[i:i + 1, :n], cfg.temperature)
+        alone, _ = rollouts.token_logprobs(logits, ro.response[i:i + 1, :n], cfg.temperature)
         torch.testing.assert_close(alone[0], ro.logprobs[i, :n], atol=1e-5, rtol=0)
 
     # the update's forward on a shuffled minibatch: ratio 1, so nothing is clipped and approx KL is 0
@@ -206,7 +207,7 @@ def test_rollout_logprobs_equal_generate_and_the_first_update_forward(tiny_ckpts
     logits, values = pv(ro.idx[rows], ro.attention_mask[rows], ro.start)  # logits at real response tokens only
     real = ro.mask[rows].bool()
     assert logits.size(0) == real.sum() < real.numel()
-    logp = ppo.unflatten(ppo.token_logprobs(logits, ro.response[rows][real], cfg.temperature)[0], real)
+    logp = rollouts.unflatten(rollouts.token_logprobs(logits, ro.response[rows][real], cfg.temperature)[0], real)
     torch.testing.assert_close(logp, ro.logprobs[rows], atol=1e-5, rtol=0)
     torch.testing.assert_close(values * ro.mask[rows], ro.values[rows], atol=1e-5, rtol=0)
     rewards, _ = ppo.kl_rewards(ro.logprobs, ro.ref_logprobs, ro.scores, ro.mask, 0.05)
