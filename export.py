@@ -30,10 +30,14 @@ from pathlib import Path
 from checkpoints import LM_STAGES, file_sha256, resolve_ckpt
 from common import BUNDLED_TIKTOKEN_CACHE, UserError, cli_main, first_line, get_tokenizer, write_json, write_text
 from model import EOS_ID
-from summaries import Summarizer
+from summaries import Summarizer, use_gold
 
 STAGES = LM_STAGES
 # the two files tiktoken's `gpt2` encoding is made of, cached under the sha1 of their URL
+# what an export writes: a folder holding these files only (tldr.json among them) is an earlier export
+EXPORT_FILES = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "tldr.json", "README.md",
+                "pytorch_model.bin"}
 GPT2_FILES = {"vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
               "merges.txt": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe"}
 
@@ -41,7 +45,8 @@ GPT2_FILES = {"vocab.json": "https://openaipublic.blob.core.windows.net/gpt-2/en
 @dataclass
 class Config:
     ckpt: str = "ppo_latest.pt"           # the checkpoint to export (ppo, sft or pretrain); a bare name resolves in --ckpt-dir
-    out: str = ""                         # the directory to write (created; files of an earlier export are replaced)
+    out: str = ""                         # the directory to write (created; an earlier export there is replaced, any other non-empty folder refused)
+    overwrite: bool = False               # replace --out even when it is a non-empty folder that is not an earlier export
     ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve
     eval: str = ""                        # eval_summaries.py's eval.json: its figures of this checkpoint go into the card ("": none)
     name: str = ""                        # the model's name in the card ("": the --push-to-hub repo, else the --out folder's name)
@@ -100,6 +105,17 @@ def eval_figures(eval_path: str, sha256: str) -> tuple[dict | None, dict | None]
     return entry, record
 
 
+def trained_on_generated_world(ckpt: dict) -> bool:
+    """Whether the checkpoint records training on synthetic.py's generated world: its --data holds the world's
+    manifest.json (where that folder is at hand), lies under a folder named synthetic (where the demo writes
+    it), or the run asked for the gold score, which exists only there."""
+    c = ckpt.get("config") or {}
+    data = str(c.get("data") or "")
+    if data and (use_gold("auto", data) or "synthetic" in Path(data).parts):
+        return True
+    return c.get("gold") == "on" or bool(c.get("gold_samples"))
+
+
 def training_lines(ckpt: dict) -> list[str]:
     """How the checkpoint was trained, from the run's own config and metrics."""
     c, m, stage = ckpt.get("config") or {}, ckpt.get("metrics") or {}, ckpt["stage"]
@@ -118,6 +134,10 @@ def training_lines(ckpt: dict) -> list[str]:
                      f"checkpoint by validation loss" + (f" ({m['best_val_loss']:.4f})." if "best_val_loss" in m else "."))
     else:
         lines.append(f"- Pretraining only ({ckpt.get('step', 0):,} steps): not a summarizer yet.")
+    if trained_on_generated_world(ckpt):
+        lines.insert(0, f"- **A demo model, not a real summarizer**: trained on the posts of the project's generated "
+                        f"world (`synthetic.py`, `{c['data']}`), not on Reddit posts. It summarizes posts of that world; "
+                        f"a real post gets nonsense.")
     lines.append("- The pipeline pretrains GPT-2 from random initialisation (`pretrain.py`: the recipe of build-nanogpt / "
                  "llm.c on FineWeb-Edu, or the generated demo world at the CPU sizes) unless a stage starts from "
                  "OpenAI's weights (`--init gpt2`).")
@@ -132,6 +152,7 @@ def model_card(name: str, summarizer: Summarizer, entry: dict | None, record: di
     prompt = info["template"].format(subreddit="{subreddit}", title="{title}", post="{post}")
     data = (ckpt.get("config") or {}).get("data", "")
     datasets = [d for d in (data,) if d.count("/") == 1 and not Path(d).exists()]
+    # the project's own license (LICENSE, MIT); the weights add the terms of the data they were trained on
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: mit",
              "tags: [gpt2, summarization, tldr, rlhf" + (", ppo" if ckpt["stage"] == "ppo" else "") + "]"]
     if datasets:
@@ -197,31 +218,98 @@ def push(out: Path, repo: str, private: bool):
     return getattr(info, "commit_url", None) or f"https://huggingface.co/{repo}"
 
 
+def is_earlier_export(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    return "tldr.json" in names and names <= EXPORT_FILES
+
+
+def check_out(out: Path, overwrite: bool):
+    """Refuse an --out that would lose the user's files or cannot be written, before any work."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not overwrite and not is_earlier_export(out):
+            raise UserError(f"--out {out} is a non-empty folder that is not an earlier export; give an empty or "
+                            f"new folder, or --overwrite to replace it and everything in it")
+    except OSError as e:  # a name too long, a folder that cannot be listed
+        raise UserError(f"cannot write --out {out}: {e.strerror or first_line(e)}") from None
+
+
+def make_staging(out: Path) -> Path:
+    """An empty folder beside --out (so that the final rename stays on one file system), created with the
+    permissions of any new folder (the umask's, not mkdtemp's 700)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or first_line(e)}"
+                        + (f" ({e.filename})" if e.filename else "")) from None
+    return staging
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish(staging: Path, out: Path):
+    """Give the staged files and folder the modes of normal new ones (safetensors writes 600), then put the
+    folder in place of --out: the old one is moved aside first and removed last, so a failure at any point
+    leaves the old export or the new one, never a mix."""
+    mask = umask()
+    for p in staging.iterdir():
+        p.chmod(0o666 & ~mask)
+    staging.chmod(0o777 & ~mask)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.{os.getpid()}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except OSError:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_export(folder: Path, name: str, summarizer: Summarizer, entry: dict | None, record: dict | None):
+    """Weights, tokenizer, generation config, prompt and card into `folder`."""
+    info, model = summarizer.info, summarizer.model
+    model.export_hf(str(folder))
+    save_tokenizer(folder, model.config.block_size)
+    from transformers import GenerationConfig
+    GenerationConfig(do_sample=False, max_new_tokens=info["max_summary_tokens"], eos_token_id=EOS_ID,
+                     pad_token_id=EOS_ID, bos_token_id=EOS_ID).save_pretrained(str(folder))
+    write_json(folder / "tldr.json", info)
+    write_text(folder / "README.md", model_card(name, summarizer, entry, record))
+
+
 def main(cfg: Config) -> Path:
-    # --- config
+    # --- config: every input checked before any work
     if not cfg.out:
         raise UserError("--out DIR is required: the Hugging Face model directory to write")
     if cfg.push_to_hub and cfg.push_to_hub.count("/") != 1:
         raise UserError(f"--push-to-hub takes a repo as owner/name, not {cfg.push_to_hub!r}")
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    check_out(out, cfg.overwrite)
     path = resolve_ckpt(cfg.ckpt, cfg.ckpt_dir)
     summarizer = Summarizer.load(path, "cpu", STAGES)
     entry, record = eval_figures(cfg.eval, file_sha256(path)) if cfg.eval else (None, None)
-    info, model = summarizer.info, summarizer.model
     name = cfg.name or cfg.push_to_hub or out.name
 
-    # --- weights, tokenizer, generation config, prompt, card
-    out.mkdir(parents=True, exist_ok=True)
-    model.export_hf(str(out))
-    save_tokenizer(out, model.config.block_size)
-    from transformers import GenerationConfig
-    GenerationConfig(do_sample=False, max_new_tokens=info["max_summary_tokens"], eos_token_id=EOS_ID,
-                     pad_token_id=EOS_ID, bos_token_id=EOS_ID).save_pretrained(str(out))
-    write_json(out / "tldr.json", info)
-    card = model_card(name, summarizer, entry, record)
-    write_text(out / "README.md", card)
+    # --- written into a folder beside --out, then renamed into place: a failed export leaves nothing half-made
+    staging = make_staging(out)
+    try:
+        write_export(staging, name, summarizer, entry, record)
+        publish(staging, out)
+    except OSError as e:
+        raise UserError(f"cannot write --out {out}: {e.strerror or first_line(e)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}", flush=True)
 
     # --- the Hub

@@ -7,7 +7,7 @@
 then open http://127.0.0.1:8000/ or call the API:
 
     curl -s localhost:8000/api/summarize -H 'content-type: application/json' -d '{"post": "My roommate ..."}'
-    curl -sN localhost:8000/api/summarize -d '{"post": "...", "stream": true, "top_probs": 5}'
+    curl -sN localhost:8000/api/summarize -H 'content-type: application/json' -d '{"post": "...", "stream": true}'
     python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none');
                print(c.completions.create(model='ppo_latest', prompt='My roommate ...', temperature=0).choices[0].text)"
 
@@ -20,8 +20,10 @@ mid-stream has its row stopped.
 
 Endpoints: `GET /` (the page), `POST /api/summarize`, `GET /api/models`, `GET /health`, `GET /api/report`
 (the run's report.md and plots), `POST /v1/completions` and `GET /v1/models` (OpenAI's schema).
-Bad input gets a JSON error `{"error": {"message", "type", "param"}}` with status 400 (not UTF-8 JSON),
-404 (unknown model), 413 (post over --max-post-chars) or 422 (a value out of range); never a traceback.
+Bad input gets a JSON error `{"error": {"message", "type", "param"}}` with status 400 (not UTF-8 JSON, nested
+too deeply, or a Host name not allowed), 404 (unknown model), 413 (post over --max-post-chars), 415 (a body not
+sent as application/json) or 422 (a value out of range); never a traceback. A request that fails while being
+decoded ends alone (500), the requests batched with it go on.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from checkpoints import resolve_ckpt
 from common import UserError, cli_main, compute_init
 from serving.app import create_app
 from serving.engine import Engine
+from serving.native import load_examples
 from summaries import DEFAULT_CKPT, FALLBACK_CKPT, Summarizer
 
 
@@ -43,6 +46,7 @@ class Config:
     ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve, and the default models' folder
     ckpt: list[str] = field(default_factory=list)  # checkpoints to serve (ppo or sft); none: ppo_latest.pt and best_sft.pt of --ckpt-dir
     host: str = "127.0.0.1"               # interface to listen on (0.0.0.0: every interface)
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names served (*: any, *.example.com: its subdomains); none: loopback names when --host is loopback, else any
     port: int = 8000                      # TCP port
     device: str = "auto"                  # auto | cuda | cpu | mps
     dtype: str = "auto"                   # auto (bf16 on Ampere+, fp16 on older GPUs, fp32 on CPU) | float32 | bfloat16 | float16
@@ -96,6 +100,9 @@ def check_config(cfg: Config):
                         f"{cfg.max_batch}, {cfg.max_post_chars}, {cfg.batch_wait_ms} and {cfg.threads}")
     if not 0 <= cfg.port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {cfg.port}")
+    for pattern in cfg.allowed_hosts:
+        if not pattern or ("*" in pattern and pattern != "*" and not (pattern.startswith("*.") and "*" not in pattern[1:])):
+            raise UserError(f"--allowed-hosts takes host names, * or *.domain, not {pattern!r}")
 
 
 def check_port_free(host: str, port: int):
@@ -111,12 +118,19 @@ def main(cfg: Config):
     import uvicorn
     check_config(cfg)
     check_port_free(cfg.host, cfg.port)
+    # everything that can fail on the user's input comes before the decoding threads exist: a process that
+    # exits while they run aborts in torch's teardown ("terminate called without an active exception")
+    examples = load_examples(cfg.examples, cfg.num_examples)
     engines = load_engines(cfg)
-    app = create_app(engines, cfg)
-    for name, e in engines.items():
-        print(f"serving {name} ({e.summarizer.stage}, step {e.summarizer.step}) from {e.path}", flush=True)
-    print(f"open http://{cfg.host}:{cfg.port}/  (API: /api/summarize, /v1/completions; docs: /docs)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    try:
+        app = create_app(engines, cfg, examples)
+        for name, e in engines.items():
+            print(f"serving {name} ({e.summarizer.stage}, step {e.summarizer.step}) from {e.path}", flush=True)
+        print(f"open http://{cfg.host}:{cfg.port}/  (API: /api/summarize, /v1/completions; docs: /docs)", flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        for engine in engines.values():
+            engine.close()
 
 
 if __name__ == "__main__":

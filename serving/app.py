@@ -1,22 +1,82 @@
 """create_app: the FastAPI app over loaded engines, with the page's static files, one JSON error for every
-failure (never a traceback) and the native and OpenAI-compatible routers."""
+failure (never a traceback) and the native and OpenAI-compatible routers, behind a guard that serves only the
+allowed Host names."""
 from __future__ import annotations
 
-import sys
+import ipaddress
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from starlette._utils import parse_host_header
+from starlette.datastructures import Headers
 
-from serving.engine import Engine, GenerationError
+from serving.engine import Engine, GenerationError, log
 from serving.native import STATIC_DIR, native_router
 from serving.openai_api import openai_router
 from serving.protocol import RequestError, error_response
 
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"]
 
-def create_app(engines: dict[str, Engine], cfg) -> FastAPI:
-    """The app serving `engines` (the first is the default model), configured by serve.py's Config; leaving
-    its lifespan closes the engines' threads."""
+
+def is_loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(cfg) -> list[str]:
+    """The Host names served: --allowed-hosts when given; else, bound to a loopback address, only loopback
+    names - a page of another site can point a name of its own at 127.0.0.1 (DNS rebinding) and so reach a
+    local server from the user's browser, but its requests carry that name; bound elsewhere, any name."""
+    if cfg.allowed_hosts:
+        return [h.lower() for h in cfg.allowed_hosts]
+    return LOOPBACK_NAMES if is_loopback(cfg.host) else ["*"]
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    return any(p == "*" or host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed)
+
+
+class Guard:
+    """The outermost layer of the app (pure ASGI): a request for a Host name that is not allowed gets a 400,
+    and an exception no handler took becomes a JSON 500 and one line in the log. Starlette's own last handler
+    re-raises such an exception after answering, so the server logs a traceback and drops the connection
+    (keep-alive with it); here it ends with the answer."""
+
+    def __init__(self, app, allowed: list[str]):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.allowed != ["*"]:
+            parsed = parse_host_header(Headers(scope=scope).get("host"))
+            if parsed is None or not host_allowed(parsed.host.lower(), self.allowed):
+                shown = "none" if parsed is None else repr(parsed.host[:100])
+                return await error_response(400, f"this server does not serve the host name {shown} (allowed: "
+                                                 f"{', '.join(self.allowed)}; serve.py --allowed-hosts)")(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log(f"error: {scope.get('method')} {scope.get('path')}: {type(e).__name__}: {e}")
+            if not started:
+                await error_response(500, "internal server error")(scope, receive, send)
+
+
+def create_app(engines: dict[str, Engine], cfg, example_posts=None) -> FastAPI:
+    """The app serving `engines` (the first is the default model), configured by serve.py's Config, with the
+    page's example posts (None: loaded from cfg.examples); leaving its lifespan closes the engines' threads."""
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -34,11 +94,7 @@ def create_app(engines: dict[str, Engine], cfg) -> FastAPI:
     async def generation_error(request, e: GenerationError):
         return error_response(500, str(e))
 
-    @app.exception_handler(Exception)
-    async def server_error(request, e: Exception):
-        print(f"error: {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return error_response(500, "internal server error")
-
-    app.include_router(native_router(engines, cfg))
+    app.include_router(native_router(engines, cfg, example_posts))
     app.include_router(openai_router(engines, cfg))
+    app.add_middleware(Guard, allowed=allowed_hosts(cfg))
     return app

@@ -7,6 +7,7 @@ import asyncio
 import codecs
 import queue
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,36 @@ from typing import Callable
 
 import torch
 
-from common import get_tokenizer
-from model import EOS_ID, BatchDecoder, choose_tokens, left_pad
+import numpy as np
+
+from common import first_line, get_tokenizer
+from model import EOS_ID, TOKENIZER_VOCAB, BatchDecoder, choose_tokens, left_pad
 from summaries import Summarizer
+
+# The sampler divides float32 logits by the temperature: below MIN_TEMPERATURE the quotient can overflow to inf
+# (and the distribution becomes NaN), a temperature that is inf in float32 (1e39 is finite only as a float64)
+# makes every logit 0 or NaN, and above MAX_TEMPERATURE the distribution is the uniform one over the vocabulary
+# in all but name. So a temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE].
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+GENERATION_FAILED = "generation failed: a fault of this server, whose log has the details"
+
+
+def log(line: str):
+    """One line on the server's log (stderr): a message that spans lines is folded into one."""
+    print(" ".join(line.split()), file=sys.stderr, flush=True)
+
+
+def sampling_problem(temperature, top_k, top_p) -> str | None:
+    """Why these settings cannot be sampled with in float32 (None when they can): the checks every row
+    passes before it is admitted (serving.protocol gives the same ones to a client, field by field)."""
+    if not isinstance(temperature, (int, float)) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}"
+    if not isinstance(top_k, int) or not 0 <= top_k < 2 ** 63:
+        return f"top_k must be an integer >= 0 (0: off), got {top_k!r}"
+    # 5e-324 is > 0 as a float64 but 0 as a float32, where top-p would turn off instead of keeping one token
+    if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1 and np.float32(top_p) > 0):
+        return f"top_p must be in (0, 1] (and not 0 as a float32), got {top_p!r}"
+    return None
 
 
 class TextStream:
@@ -94,8 +122,10 @@ class Engine:
         self.jobs.put(job)
 
     def close(self):
-        self.jobs.put(None)
-        self.thread.join(timeout=10)
+        """Stop the decoding thread (idempotent): the rows being decoded end first."""
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join(timeout=10)
 
     def _admit(self, active: int) -> list[Job]:
         """Jobs to start now: when idle, block for the first and gather those arriving within batch_wait_s;
@@ -124,32 +154,116 @@ class Engine:
         return [j for j in jobs if not j.cancelled.is_set()]
 
     def _loop(self):
-        decoder, rows = BatchDecoder(self.summarizer.model), []
+        # A failure ends the rows it belongs to and no others: a job with settings the sampler cannot use is
+        # refused before it is admitted, a row whose step goes wrong (its own sampling, a token outside the
+        # vocabulary) ends alone inside _step, and when a step of the whole batch fails (prefill, forward)
+        # every row is prefilled again alone (_rebuild), so that only the rows that fail alone fail.
+        decoder, rows, just_rebuilt = BatchDecoder(self.summarizer.model), [], False
         while not (self.closing and not rows):
-            new = self._admit(len(rows))
+            new = [j for j in self._admit(len(rows)) if self._admissible(j)]
             if not rows and not new:
                 continue
+            pending: list[Row] = []
             try:
                 with self.rt.autocast():
                     if new:
-                        decoder.add(*left_pad([j.prompt for j in new]), [j.max_new_tokens for j in new])
-                        rows += [Row(j, TextStream(self.tokenizer)) for j in new]
+                        pending = [Row(j, TextStream(self.tokenizer)) for j in new]
                         self.stats["requests"] += len(new)
                         self.stats["prefills"] += 1
-                    rows = self._step(decoder, rows)
-            except Exception as e:  # a failed step fails the requests in it, never the server
-                for row in rows:
-                    row.job.emit({"kind": "error", "message": f"generation failed: {type(e).__name__}: {e}"})
-                decoder, rows = BatchDecoder(self.summarizer.model), []
+                        decoder.add(*left_pad([j.prompt for j in new]), [j.max_new_tokens for j in new])
+                        rows, pending = rows + pending, []
+                    going_on, tokens = self._step(decoder, rows)
+                    rows = [rows[i] for i in going_on]
+                    decoder.keep(going_on)
+                    decoder.advance(tokens[going_on])
+                just_rebuilt = False
+            except Exception as e:
+                rows = rows + pending
+                if just_rebuilt:  # the same rows fail together again: the fault is not one row's
+                    log(f"error: model {self.name}: decoding failed again after a retry, ending its {len(rows)} "
+                        f"rows: {type(e).__name__}: {first_line(e)}")
+                    for row in rows:
+                        row.job.emit({"kind": "error", "message": GENERATION_FAILED})
+                    decoder, rows, just_rebuilt = BatchDecoder(self.summarizer.model), [], False
+                else:
+                    log(f"error: model {self.name}: a decoding step of {len(rows)} rows failed, retrying each row "
+                        f"alone: {type(e).__name__}: {first_line(e)}")
+                    decoder, rows = self._rebuild(rows)
+                    just_rebuilt = True
 
-    def _step(self, decoder: BatchDecoder, rows: list[Row]) -> list[Row]:
-        """One token for every row; returns the rows that go on (the decoder keeps exactly those)."""
+    def _admissible(self, job: Job) -> bool:
+        """Whether the job can be decoded; one that cannot ends here, with an error of its own."""
+        block = self.summarizer.model.config.block_size
+        problem = sampling_problem(job.temperature, job.top_k, job.top_p)
+        if problem is None and not (job.prompt and all(isinstance(t, int) and 0 <= t < TOKENIZER_VOCAB for t in job.prompt)):
+            problem = "the prompt is empty or holds a token outside the vocabulary"
+        if problem is None and not (isinstance(job.max_new_tokens, int) and 1 <= job.max_new_tokens
+                                    and len(job.prompt) + job.max_new_tokens <= block):
+            problem = f"{len(job.prompt)} prompt and {job.max_new_tokens!r} new tokens do not fit block_size {block}"
+        if problem is not None:
+            self._fail(job, problem)
+        return problem is None
+
+    def _fail(self, job: Job, detail: str):
+        """End one job with an error: the client is told generation failed, the log says why."""
+        log(f"error: model {self.name}: a request's generation failed: {detail}")
+        job.emit({"kind": "error", "message": GENERATION_FAILED})
+
+    def _rebuild(self, rows: list[Row]) -> tuple[BatchDecoder, list[Row]]:
+        """A new decoder for the rows of a failed step: each row is first prefilled alone (its prompt and the
+        tokens it has so far, so that it goes on where it was; a row that fails alone ends), then the others
+        together, into a new cache."""
+        def prefill(decoder: BatchDecoder, group: list[Row]):
+            decoder.add(*left_pad([r.job.prompt + r.tokens for r in group]),
+                        [r.job.max_new_tokens - len(r.tokens) for r in group])
+
+        survivors = []
+        with self.rt.autocast():
+            for row in rows:
+                if row.job.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                    continue
+                try:
+                    prefill(BatchDecoder(self.summarizer.model), [row])
+                    survivors.append(row)
+                except Exception as e:
+                    self._fail(row.job, f"{type(e).__name__}: {first_line(e)}")
+            decoder = BatchDecoder(self.summarizer.model)
+            try:
+                if survivors:
+                    prefill(decoder, survivors)
+            except Exception as e:
+                for row in survivors:
+                    self._fail(row.job, f"{type(e).__name__}: {first_line(e)}")
+                return BatchDecoder(self.summarizer.model), []
+        return decoder, survivors
+
+    def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next token and the sampling log-probs of every row; when the batch cannot be sampled together,
+        each row alone (a row that cannot be sampled gets token -1, which ends it in _step)."""
+        try:
+            return choose_tokens(logits, row_setting([j.temperature for j in jobs]), row_setting([j.top_k for j in jobs]),
+                                 row_setting([j.top_p for j in jobs]), [j.generator for j in jobs])
+        except Exception as e:
+            log(f"error: model {self.name}: sampling a batch of {len(jobs)} rows failed, sampling each row alone: "
+                f"{type(e).__name__}: {first_line(e)}")
+        tokens, logps = [], []
+        for i, j in enumerate(jobs):
+            try:
+                token, logp = choose_tokens(logits[i:i + 1], j.temperature, j.top_k, j.top_p, [j.generator])
+            except Exception:
+                token, logp = torch.full((1,), -1, dtype=torch.long), torch.full_like(logits[i:i + 1], float("-inf"))
+            tokens.append(token.to(logits.device))
+            logps.append(logp)
+        return torch.cat(tokens), torch.cat(logps)
+
+    def _step(self, decoder: BatchDecoder, rows: list[Row]) -> tuple[list[int], torch.Tensor]:
+        """One token for every row: (the indices of the rows that go on, every row's token). A row that ends,
+        is cancelled or fails leaves; the caller keeps the others in the decoder and feeds them their token."""
         self.stats["steps"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         jobs = [r.job for r in rows]
-        tokens, logp = choose_tokens(decoder.logits(), row_setting([j.temperature for j in jobs]),
-                                     row_setting([j.top_k for j in jobs]), row_setting([j.top_p for j in jobs]),
-                                     [j.generator for j in jobs])
+        tokens, logp = self._choose(decoder.logits(), jobs)
         top_n = max(j.top_probs for j in jobs)
         if top_n:
             top = torch.topk(logp, top_n, dim=-1)
@@ -160,20 +274,26 @@ class Engine:
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
                 continue
+            if not 0 <= token < TOKENIZER_VOCAB:  # NaN logits, or a row the sampler refused alone
+                self._fail(job, f"sampled token {token} is outside the vocabulary (the row's logits are not finite "
+                                f"or its settings could not be sampled)")
+                continue
             if token == EOS_ID:
                 self._finish(row, ended=True)
                 continue
-            row.tokens.append(token)
-            self.stats["tokens"] += 1
-            job.emit({"kind": "token", "id": token, "text": row.stream.feed(token), "n": len(row.tokens),
-                      "top": list(zip(top_ids[i][:job.top_probs], top_probs[i][:job.top_probs])) if top_n else []})
+            try:
+                row.tokens.append(token)
+                self.stats["tokens"] += 1
+                job.emit({"kind": "token", "id": token, "text": row.stream.feed(token), "n": len(row.tokens),
+                          "top": list(zip(top_ids[i][:job.top_probs], top_probs[i][:job.top_probs])) if top_n else []})
+            except Exception as e:
+                self._fail(job, f"{type(e).__name__}: {first_line(e)}")
+                continue
             if len(row.tokens) >= job.max_new_tokens:
                 self._finish(row, ended=False)
             else:
                 going_on.append(i)
-        decoder.keep(going_on)
-        decoder.advance(tokens[going_on])
-        return [rows[i] for i in going_on]
+        return going_on, tokens
 
     def _finish(self, row: Row, ended: bool):
         tail = row.stream.finish()
@@ -201,7 +321,7 @@ class Sampling:
 
 
 class GenerationError(Exception):
-    """A decoding step failed; the message says how (the request gets a 500)."""
+    """A row of the request failed to decode: the request gets a 500 with GENERATION_FAILED (the log has why)."""
 
 
 @dataclass

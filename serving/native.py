@@ -10,19 +10,22 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 import synthetic
 import tldr
-from common import get_tokenizer
+from common import UserError, first_line, get_tokenizer
 from serving.engine import Engine, Result, run_jobs
-from serving.protocol import RequestError, pick_engine, read_body, stream_events, take, take_post, take_sampling
+from serving.protocol import (RequestError, build_prompt, pick_engine, read_body, stream_events, take, take_post,
+                              take_sampling)
 from summaries import decode_summary
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_TOP_PROBS = 20
 
 
-def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
-    """The routes over `engines` (the first is the default model); cfg is serve.py's Config."""
+def native_router(engines: dict[str, Engine], cfg, example_posts: list[tldr.Post] | None = None) -> APIRouter:
+    """The routes over `engines` (the first is the default model); cfg is serve.py's Config; the page's example
+    posts are `example_posts`, or load_examples of cfg's when None."""
     tok = get_tokenizer()
-    example_posts = load_examples(cfg.examples, cfg.num_examples)
+    if example_posts is None:
+        example_posts = load_examples(cfg.examples, cfg.num_examples)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / Path(cfg.ckpt_dir).name
     router = APIRouter()
 
@@ -36,7 +39,7 @@ def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
 
     @router.get("/api/models")
     async def models():
-        return {"models": [model_card(name, e, i == 0) for i, (name, e) in enumerate(engines.items())]}
+        return {"models": [model_card(name, e, i == 0, cfg.ckpt_dir) for i, (name, e) in enumerate(engines.items())]}
 
     @router.post("/api/summarize")
     async def summarize(request: Request):
@@ -50,7 +53,7 @@ def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
         if not 0 <= top_probs <= MAX_TOP_PROBS:
             raise RequestError(422, f"top_probs must be in [0, {MAX_TOP_PROBS}], got {top_probs}", "top_probs")
         stream = take(body, "stream", bool, False)
-        prompt, truncated = engine.summarizer.prompt(post, sampling.max_new_tokens)
+        prompt, truncated = build_prompt(engine, post, sampling.max_new_tokens)
 
         def final(result: Result) -> dict:
             return {"summary": decode_summary(result.tokens, tok), "model": engine.name,
@@ -78,17 +81,18 @@ def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
     async def examples():
         return {"examples": [{"subreddit": p.subreddit, "title": p.title, "post": p.post} for p in example_posts]}
 
+    # paths are shown relative to the run folder (its name only): a client learns nothing of this machine's layout
     @router.get("/api/report")
     async def report():
         md = run_dir / "report.md"
-        return {"run": str(run_dir), "markdown": md.read_text(encoding="utf-8") if md.is_file() else None,
+        return {"run": run_dir.name, "markdown": md.read_text(encoding="utf-8") if md.is_file() else None,
                 "plots": [f"/api/report/plots/{p.name}" for p in sorted(run_dir.glob("*.png"))]}
 
     @router.get("/api/report/plots/{name}")
     async def plot(name: str):
         path = run_dir / name
         if not re.fullmatch(r"[\w.-]+\.png", name) or not path.is_file():
-            raise RequestError(404, f"no plot {name!r} in {run_dir}")
+            raise RequestError(404, f"no plot {name!r} in the run {run_dir.name!r}")
         return FileResponse(path, media_type="image/png")
 
     return router
@@ -96,16 +100,29 @@ def native_router(engines: dict[str, Engine], cfg) -> APIRouter:
 
 def load_examples(data: str, num: int) -> list[tldr.Post]:
     """Posts for the page's example list: the test split of a TL;DR source, or posts of the generated world
-    (what the demo's models were trained on)."""
+    (what the demo's models were trained on). A source that cannot be read is one UserError."""
     if data:
-        return [e.post for e in tldr.load_sft(data, "test")[:num]]
+        try:
+            return [e.post for e in tldr.load_sft(data, "test")[:num]]
+        except UserError as e:
+            raise UserError(f"--examples {data}: {e}") from None
+        except (OSError, ValueError, RecursionError) as e:  # whatever tldr does not name itself
+            raise UserError(f"--examples {data}: cannot read its test split ({type(e).__name__}: {first_line(e)})") from None
     world = synthetic.make_world(seed=2024, num_posts=max(10, 10 * num), valid_frac=0.1, test_frac=0.5)
     return [tldr.Post(p.post, p.title, p.subreddit) for p in world["test"][:num]]
 
 
-def model_card(name: str, engine: Engine, default: bool) -> dict:
+def shown_path(path: Path, ckpt_dir: str) -> str:
+    """A checkpoint's path as a client sees it: relative to --ckpt-dir when inside it, else its file name."""
+    try:
+        return path.resolve().relative_to(Path(ckpt_dir).resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def model_card(name: str, engine: Engine, default: bool, ckpt_dir: str) -> dict:
     s = engine.summarizer
-    return {"name": name, "stage": s.stage, "step": s.step, "metrics": s.metrics, "path": str(engine.path),
+    return {"name": name, "stage": s.stage, "step": s.step, "metrics": s.metrics, "path": shown_path(engine.path, ckpt_dir),
             "default": default, "params": s.model.num_params(non_embedding=False),
             "max_new_tokens": engine.budget, "max_prompt_tokens": s.info["max_prompt_tokens"],
             "template": s.info["template"]}

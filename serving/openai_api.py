@@ -11,8 +11,8 @@ from fastapi.responses import StreamingResponse
 import tldr
 from common import get_tokenizer
 from serving.engine import Engine, run_jobs
-from serving.protocol import (MAX_COMPLETIONS, RequestError, pick_engine, read_body, sse, stream_events, take,
-                              take_post, take_sampling)
+from serving.protocol import (MAX_COMPLETIONS, RequestError, build_prompt, pick_engine, read_body, sse, stream_events,
+                              take, take_post, take_sampling)
 from summaries import decode_summary
 
 
@@ -43,7 +43,7 @@ def openai_router(engines: dict[str, Engine], cfg) -> APIRouter:
         for unsupported in ("echo", "logprobs", "suffix"):
             if body.get(unsupported) not in (None, False):
                 raise RequestError(422, f"{unsupported} is not supported by this server", unsupported)
-        prompt_ids = [engine.summarizer.prompt(p, sampling.max_new_tokens)[0] for p in posts]
+        prompt_ids = [build_prompt(engine, p, sampling.max_new_tokens)[0] for p in posts]
         rows = [(ids, sampling) for ids in prompt_ids for _ in range(n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}

@@ -2,6 +2,8 @@
 and its greedy summary is ours; the card carries the evaluation figures of this checkpoint only; the Hub
 upload is called with the directory, and fails in one line offline."""
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import export
 import tldr
 from checkpoints import save_checkpoint
 from common import UserError, config_from, get_tokenizer
+from conftest import ROOT
 from eval_summaries import file_sha256
 from model import GPT, GPTConfig
 from summaries import generate_summaries
@@ -110,3 +113,69 @@ def test_push_to_hub_uploads_the_directory_and_fails_cleanly_offline(exported, t
     with pytest.raises(UserError, match="owner/name"):
         export.main(config_from(export.Config, None, None, ckpt=str(out / "ppo_latest.pt"), out=str(tmp_path / "y"),
                                 push_to_hub="no-owner"))
+
+
+def _export(ckpt, out, **kw):
+    return export.main(config_from(export.Config, None, None, ckpt=str(ckpt), out=str(out), **kw))
+
+
+def test_out_folder_of_the_user_is_refused_unless_overwrite(exported, tmp_path):
+    """A non-empty --out that is not an earlier export keeps the user's files (refused before any work);
+    --overwrite replaces it whole; an earlier export is replaced without asking; files get the modes of
+    normal new files (the umask's), model.safetensors included; nothing is left beside --out."""
+    out, _ = exported
+    ckpt = out / "ppo_latest.pt"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes\n")
+    (mine / "config.json").write_text("{\"mine\": true}\n")
+    with pytest.raises(UserError, match="non-empty folder that is not an earlier export.*--overwrite"):
+        _export(ckpt, mine)
+    assert (mine / "README.md").read_text() == "my notes\n" and sorted(p.name for p in mine.iterdir()) == \
+        ["README.md", "config.json"]
+
+    old_mask = os.umask(0o022)
+    try:
+        _export(ckpt, mine, overwrite=True)
+    finally:
+        os.umask(old_mask)
+    assert "my notes" not in (mine / "README.md").read_text() and (mine / "model.safetensors").is_file()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in mine.iterdir()} == {0o644}
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o755
+    assert export.is_earlier_export(mine)
+
+    _export(ckpt, mine)  # an earlier export: replaced in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging or old folder left
+
+
+def test_failed_or_impossible_export_leaves_nothing(exported, tmp_path, monkeypatch):
+    out, _ = exported
+    ckpt = out / "ppo_latest.pt"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="exists and is not a directory"):
+        _export(ckpt, afile)
+    with pytest.raises(UserError, match="cannot write --out"):  # NotADirectoryError under a file
+        _export(ckpt, afile / "hf")
+    with pytest.raises(UserError, match="cannot write --out"):  # a name over the file system's limit
+        _export(ckpt, tmp_path / ("x" * 300))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "save_tokenizer", disk_full)
+    with pytest.raises(UserError, match="cannot write --out .*No space left on device"):
+        _export(ckpt, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # neither --out nor a half-made folder
+
+
+def test_card_license_is_true_and_a_demo_model_says_so(exported):
+    out, _ = exported
+    card = (out / "hf" / "README.md").read_text()
+    assert "license: mit" in card and "MIT License" in (ROOT / "LICENSE").read_text()
+    # the fixture's checkpoint was trained on data/synthetic/tldr: the generated world
+    assert "A demo model, not a real summarizer" in card and "`data/synthetic/tldr`" in card
+    real = {"stage": "sft", "step": 5, "config": {"data": "CarperAI/openai_summarize_tldr", "init": "gpt2"}, "metrics": {}}
+    assert not export.trained_on_generated_world(real)
+    assert not any("demo model" in line for line in export.training_lines(real))
+    assert export.trained_on_generated_world({**real, "config": {"data": "/elsewhere/tldr", "gold_samples": 64}})
+    assert "/hf/" in (ROOT / ".gitignore").read_text().split()

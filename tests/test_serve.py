@@ -20,11 +20,14 @@ from fastapi.testclient import TestClient
 import serve
 import summarize
 import tldr
+import serving.app as serving_app
+import serving.engine as serving_engine
 from checkpoints import load_checkpoint, save_checkpoint
-from common import cli_main, config_from
+from common import UserError, cli_main, compute_init, config_from
 from conftest import ROOT
-from model import GPT, GPTConfig, ScoreModel
+from model import GPT, BatchDecoder, GPTConfig, ScoreModel
 from serving.app import create_app
+from serving.engine import GENERATION_FAILED, Engine, GenerationError, Sampling, run_jobs
 from test_summarize import INFO, POST, _greedy, _lm
 from summaries import Summarizer, generate_summaries
 
@@ -55,7 +58,8 @@ def client(ckpt_dir):
     run.mkdir()
     (run / "report.md").write_text("# Report\n\n| metric | value |\n|---|---|\n| gold | 0.4 |\n")
     (run / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-    with TestClient(create_app(serve.load_engines(cfg), cfg)) as c:
+    # a loopback Host (TestClient's default, "testserver", is not one the server accepts on 127.0.0.1)
+    with TestClient(create_app(serve.load_engines(cfg), cfg), base_url="http://localhost") as c:
         yield c
 
 
@@ -71,12 +75,13 @@ def _sse(lines) -> list:
             for line in lines if line.startswith("data: ")]
 
 
-def test_models_health_report_and_page(client):
+def test_models_health_report_and_page(client, ckpt_dir):
     models = client.get("/api/models").json()["models"]
     assert [(m["name"], m["stage"], m["step"], m["default"]) for m in models] == \
         [("ppo_latest", "ppo", 12, True), ("best_sft", "sft", 100, False)]
     assert models[0]["metrics"] == {"score": 0.5} and models[0]["max_new_tokens"] == INFO["max_summary_tokens"]
     assert models[0]["template"] == INFO["template"]
+    assert [m["path"] for m in models] == ["ppo_latest.pt", "best_sft.pt"]  # relative to --ckpt-dir, no absolute path
     health = client.get("/health").json()
     assert health["status"] == "ok" and set(health["models"]) == {"ppo_latest", "best_sft"}
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["ppo_latest", "best_sft"]
@@ -85,8 +90,10 @@ def test_models_health_report_and_page(client):
     assert client.get("/static/app.js").status_code == 200
     report = client.get("/api/report").json()
     assert "| gold | 0.4 |" in report["markdown"] and report["plots"] == ["/api/report/plots/loss.png"]
+    assert report["run"] == "run"
     assert client.get("/api/report/plots/loss.png").content.startswith(b"\x89PNG")
-    assert client.get("/api/report/plots/..%2Frm.pt").status_code == 404
+    missing = client.get("/api/report/plots/..%2Frm.pt")
+    assert missing.status_code == 404 and str(ckpt_dir) not in missing.text
     examples = client.get("/api/examples").json()["examples"]
     assert len(examples) == 6 and all(e["post"] and e["title"] for e in examples)
 
@@ -190,20 +197,232 @@ def test_openai_endpoint_bad_input(client):
     assert client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "echo": True}).status_code == 422
 
 
+# -----------------------------------------------------------------------------
+# hostile requests: each gets its own 4xx with one clear message, never a traceback, and the server goes on
+
+JSON = {"content-type": "application/json"}
+_T = "temperature must be 0 (greedy) or in [0.001, 100]"
+
+
+@pytest.mark.parametrize("path, raw, headers, status, message", [
+    # finite in JSON (float64), not in what the sampler computes in (float32)
+    ("/api/summarize", b'{"post": "hi", "temperature": 1e308}', JSON, 422, _T),
+    ("/api/summarize", b'{"post": "hi", "temperature": 1e39}', JSON, 422, _T),
+    ("/api/summarize", b'{"post": "hi", "temperature": 1e-300}', JSON, 422, _T),
+    ("/api/summarize", b'{"post": "hi", "temperature": 5e-324}', JSON, 422, _T),
+    ("/api/summarize", b'{"post": "hi", "temperature": 101}', JSON, 422, _T),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 1e308}', JSON, 422, _T),
+    ("/api/summarize", b'{"post": "hi", "temperature": 1, "top_p": 5e-324}', JSON, 422, "top_p must be in (0, 1] as a float32"),
+    ("/api/summarize", b'{"post": "hi", "top_k": 100000000000000000000000000000, "temperature": 1, "seed": 1}', JSON, 200, ""),
+    # bodies json cannot take, or takes and would fail on
+    ("/api/summarize", b"[" * 100_000, JSON, 400, "nested too deeply"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 100_000, JSON, 400, "nested too deeply"),
+    ("/api/summarize", b'{"post": "hi", "seed": ' + b"9" * 5000 + b"}", JSON, 400, "not valid JSON"),
+    ("/api/summarize", b'{"post": "hi", "subreddit": "' + b"x" * 400 + b'"}', JSON, 422, "prompt budget"),
+    ("/api/summarize", b'{"post": "\\ud800 lone surrogate"}', JSON, 200, ""),
+    ("/v1/completions", b'{"prompt": [1, 2]}', JSON, 422, "prompt must be a string"),
+    # what a page of another site can make a browser send without asking: not JSON
+    ("/api/summarize", b'{"post": "hi"}', {"content-type": "text/plain"}, 415, "content-type: application/json"),
+    ("/api/summarize", b'post=hi', {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
+    ("/v1/completions", b'{"prompt": "hi"}', {"content-type": ""}, 415, "no content-type"),
+    ("/api/summarize", b'{"post": "hi"}', {"content-type": "application/json; charset=utf-8"}, 200, ""),
+    # DNS rebinding: a name other than loopback's on a server bound to 127.0.0.1
+    ("/api/summarize", b'{"post": "hi"}', {**JSON, "host": "evil.example"}, 400, "does not serve the host name 'evil.example'"),
+    ("/api/summarize", b'{"post": "hi"}', {**JSON, "host": "127.0.0.1:8000"}, 200, ""),
+    ("/api/summarize", b'{"post": "hi"}', {**JSON, "host": "[::1]:8000"}, 200, ""),
+])
+def test_hostile_requests(client, ckpt_dir, path, raw, headers, status, message):
+    r = client.post(path, content=raw, headers=headers)
+    assert r.status_code == status, r.text
+    if status != 200:
+        error = r.json()["error"]
+        assert message in error["message"] and "\n" not in error["message"]
+    assert "Traceback" not in r.text and str(ckpt_dir) not in r.text
+    assert client.post("/api/summarize", json={"post": "still serving"}).status_code == 200
+
+
+def test_host_check_follows_the_bound_address(ckpt_dir):
+    for host, allowed, name, ok in [("127.0.0.1", [], "evil.example", False), ("0.0.0.0", [], "evil.example", True),
+                                    ("0.0.0.0", ["*.example"], "my.example", True),
+                                    ("0.0.0.0", ["summarizer.lan"], "evil.example", False)]:
+        cfg = config_from(serve.Config, None, None, host=host, allowed_hosts=allowed)
+        patterns = serving_app.allowed_hosts(cfg)
+        assert serving_app.host_allowed(name, patterns) == ok, (host, allowed, name)
+    with pytest.raises(UserError, match="--allowed-hosts takes"):
+        serve.check_config(config_from(serve.Config, None, None, allowed_hosts=["ex*ample.com"]))
+
+
+# -----------------------------------------------------------------------------
+# one request never harms another: a fault while decoding ends its own row only
+
+def _engine_results(engine, jobs) -> list:
+    """Run (prompt, Sampling) jobs on the engine at once: each one's tokens, or its GenerationError."""
+    async def all_of_them():
+        return await asyncio.gather(*(run_jobs(engine, [job], 0) for job in jobs), return_exceptions=True)
+    return [r if isinstance(r, Exception) else r[0].tokens for r in asyncio.run(all_of_them())]
+
+
+@pytest.fixture(scope="module")
+def engine_and_posts(ckpt_dir):
+    rt = compute_init(0, "cpu", "float32")
+    summarizer = Summarizer.load(ckpt_dir / "ppo_latest.pt", "cpu")
+    engine = Engine("ppo_latest", summarizer, ckpt_dir / "ppo_latest.pt", rt, max_batch=32, batch_wait_s=0.2)
+    posts = [tldr.Post(f"My roommate number {i} keeps eating my food, {i} times a week.", "Food", "roommates")
+             for i in range(8)]
+    prompts = [summarizer.prompt(p, engine.budget)[0] for p in posts]
+    good = [(ids, Sampling(0.0 if i % 2 else 0.8, 0, 1.0, engine.budget, i)) for i, ids in enumerate(prompts)]
+    alone = [_engine_results(engine, [job])[0] for job in good]
+    yield engine, prompts, good, alone
+    engine.close()
+
+
+def test_a_bad_row_in_a_batch_fails_alone(engine_and_posts, capfd):
+    """Eight good rows and one that the sampler cannot use (submitted to the engine directly, past the HTTP
+    checks): the eight decode as they do alone, batched; the bad one ends with a message that tells the client
+    nothing of the server, and the log has one line of why."""
+    engine, prompts, good, alone = engine_and_posts
+    for bad in (Sampling(float("inf"), 0, 1.0, engine.budget, 0), Sampling(1e-300, 0, 1.0, engine.budget, 0),
+                Sampling(1.0, 0, 5e-324, engine.budget, 0)):
+        before = engine.stats["largest_batch"]
+        engine.stats["largest_batch"] = 0
+        results = _engine_results(engine, good[:4] + [(prompts[0], bad)] + good[4:])
+        assert results[:4] + results[5:] == alone and engine.stats["largest_batch"] == 8
+        engine.stats["largest_batch"] = max(before, 8)
+        assert isinstance(results[4], GenerationError) and str(results[4]) == GENERATION_FAILED
+    log = capfd.readouterr().err.splitlines()
+    assert len(log) == 3 and all(line.startswith("error: model ppo_latest: a request's generation failed: ")
+                                 for line in log)
+
+
+def test_a_row_whose_sampling_fails_in_the_batch_ends_alone(engine_and_posts, monkeypatch):
+    """A fault in sampling one row (here: any batch holding a row at temperature 0.55 fails) makes the batch
+    sample row by row: that row ends with its 500, the other eight get their own summaries."""
+    engine, prompts, good, alone = engine_and_posts
+    real = serving_engine.choose_tokens
+
+    def faulty(logits, temperature, *args, **kwargs):
+        marked = temperature == 0.55 if not torch.is_tensor(temperature) else bool((temperature == 0.55).any())
+        if marked:
+            raise RuntimeError("a fault of this row's sampling")
+        return real(logits, temperature, *args, **kwargs)
+    monkeypatch.setattr(serving_engine, "choose_tokens", faulty)
+    results = _engine_results(engine, good + [(prompts[3], Sampling(0.55, 0, 1.0, engine.budget, 0))])
+    assert results[:8] == alone and isinstance(results[8], GenerationError)
+
+
+def test_a_failed_step_of_the_whole_batch_is_retried_row_by_row(engine_and_posts, monkeypatch):
+    """A forward over the batch that fails once (a transient fault): every row is prefilled again with what
+    it has so far and goes on where it was, so all nine still get what they get alone; a row whose own
+    prefill fails (its prompt too long for the model, past every check) is the only one that ends."""
+    engine, prompts, good, alone = engine_and_posts
+    real, calls = BatchDecoder.advance, []
+
+    def fails_on_the_third_step(self, tokens):
+        calls.append(len(tokens))
+        if len(calls) == 3:
+            raise RuntimeError("a transient fault of the forward")
+        return real(self, tokens)
+    monkeypatch.setattr(BatchDecoder, "advance", fails_on_the_third_step)
+    results = _engine_results(engine, good)
+    assert results == alone and len(calls) > 3
+    # a prompt that fits the checks but not the model's context: its prefill fails, in the batch and alone
+    real_add = BatchDecoder.add
+
+    def refuses_long_prompts(self, idx, mask, budgets):
+        if idx.size(1) > 40:
+            raise RuntimeError("this prompt does not fit")
+        return real_add(self, idx, mask, budgets)
+    monkeypatch.setattr(BatchDecoder, "add", refuses_long_prompts)
+    long_prompt = (prompts[0] * 3)[:45]
+    results = _engine_results(engine, good + [(long_prompt, good[0][1])])
+    assert results[:8] == alone and isinstance(results[8], GenerationError)
+
+
+def test_mixed_batch_over_http(server):
+    """Through the real server: one bad request among eight good ones sent at once. The eight get 200 and
+    the summaries they get alone; the bad one its 422."""
+    bodies = [{"post": f"My roommate number {i} keeps eating my food.", "model": "demo_sft", "temperature": 0.7,
+               "seed": i} for i in range(8)]
+    alone = [httpx.post(server + "/api/summarize", json=b, timeout=60).json()["summary"] for b in bodies]
+
+    async def all_of_them():
+        async with httpx.AsyncClient(timeout=60) as c:
+            bad = {"post": "x", "model": "demo_sft", "temperature": 1e308}
+            return await asyncio.gather(*(c.post(server + "/api/summarize", json=b) for b in bodies[:4] + [bad] + bodies[4:]))
+    got = asyncio.run(all_of_them())
+    assert [r.status_code for r in got] == [200] * 4 + [422] + [200] * 4
+    assert [r.json()["summary"] for r in got[:4] + got[5:]] == alone
+
+
+def test_keep_alive_survives_a_nested_body_and_an_aborted_upload_logs_one_line(server, server_log):
+    """A body of 100,000 [ is a 400 on a connection that stays open for the next request; a client that
+    goes away mid-upload leaves one warning line in the server's log, no traceback."""
+    import http.client
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/api/summarize", body=b"[" * 100_000, headers=JSON)
+    r = conn.getresponse()
+    assert r.status == 400 and "nested too deeply" in json.loads(r.read())["error"]["message"]
+    assert (r.getheader("connection") or "").lower() != "close"
+    local = conn.sock.getsockname()
+    conn.request("POST", "/api/summarize", body=json.dumps({"post": "hi"}), headers=JSON)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["summary"] is not None
+    assert conn.sock.getsockname() == local  # the same connection served both
+    conn.close()
+
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /api/summarize HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                  b"content-length: 5000\r\n\r\n{\"post\": \"only part of")
+    deadline = time.time() + 20
+    while time.time() < deadline and "went away" not in server_log.read_text():
+        time.sleep(0.1)
+    text = server_log.read_text()
+    assert [line for line in text.splitlines() if "went away" in line] == \
+        ["warning: POST /api/summarize: the client went away before sending the whole request body"]
+    assert "Traceback" not in text
+    assert httpx.get(server + "/health").status_code == 200
+
+
 def test_start_up_errors_exit_2(ckpt_dir, tmp_path, capsys):
     """No usable checkpoint (none in the folder, a missing file, a reward model instead of a summarizer) or a
-    port in use: one error line and exit code 2, through the command's own entry point."""
+    port in use, an --examples split that cannot be read: one error line and exit code 2, through the command's
+    own entry point."""
+    bad = _bad_example_splits(tmp_path)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         for args, message in [(["--ckpt-dir", tmp_path], "nothing to serve"),
                               (["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
                               (["--ckpt", ckpt_dir / "best_sft.pt", "--ckpt", ckpt_dir / "rm.pt"], "expected ppo or sft"),
-                              (["--ckpt-dir", ckpt_dir, "--port", busy.getsockname()[1]], "cannot listen on")]:
+                              (["--ckpt-dir", ckpt_dir, "--port", busy.getsockname()[1]], "cannot listen on"),
+                              (["--ckpt-dir", ckpt_dir, "--examples", bad["nested"]], "--examples"),
+                              (["--ckpt-dir", ckpt_dir, "--examples", bad["not_json"]], "--examples"),
+                              (["--ckpt-dir", ckpt_dir, "--allowed-hosts", "a*b"], "--allowed-hosts takes")]:
             with pytest.raises(SystemExit) as e:
                 cli_main(serve.main, serve.Config, argv=["--device", "cpu", "--port", "0", *map(str, args)])
             err = capsys.readouterr().err
             assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def _bad_example_splits(folder: Path) -> dict[str, Path]:
+    splits = {"nested": "[" * 100_000 + "\n", "not_json": "{not json\n", "not_utf8": b'{"post": "\xff\xfe"}\n'}
+    out = {}
+    for name, content in splits.items():
+        (folder / name).mkdir()
+        path = folder / name / "test.jsonl"
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        out[name] = folder / name
+    return out
+
+
+def test_unreadable_examples_exit_2_not_abort(ckpt_dir, tmp_path):
+    """The exit path itself, in a process of its own: with the decoding threads started, an exit used to
+    abort in torch's teardown (SIGABRT, exit 134); now --examples is read before they exist."""
+    bad = _bad_example_splits(tmp_path)
+    r = subprocess.run([sys.executable, ROOT / "serve.py", "--ckpt-dir", ckpt_dir, "--device", "cpu", "--port", "0",
+                        "--examples", bad["not_utf8"]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --examples ") and r.stderr.count("\n") == 1, r.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -216,7 +435,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ckpt_dir, small_sft_ckpt):
+def server_log(ckpt_dir):
+    return ckpt_dir / "server.log"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt_dir, small_sft_ckpt, server_log):
     """serve.py on a free loopback port with the two tiny models, long.pt and the suite's small SFT model
     (as demo_sft: a trained summarizer, whose summaries differ from post to post)."""
     port = _free_port()
@@ -224,7 +448,7 @@ def server(ckpt_dir, small_sft_ckpt):
     proc = subprocess.Popen([sys.executable, ROOT / "serve.py", "--ckpt", ckpt_dir / "ppo_latest.pt", "--ckpt",
                              ckpt_dir / "best_sft.pt", "--ckpt", ckpt_dir / "long.pt", "--ckpt", ckpt_dir / "demo_sft.pt",
                              "--port", str(port), "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=server_log.open("w"), text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -232,7 +456,7 @@ def server(ckpt_dir, small_sft_ckpt):
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
-            assert proc.poll() is None, proc.communicate()[1]
+            assert proc.poll() is None, server_log.read_text()
             time.sleep(0.2)
     else:
         proc.kill()
