@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette._utils import parse_host_header
 from starlette.datastructures import Headers
 
 from serving.engine import Engine, GenerationError, log
@@ -37,6 +36,18 @@ def allowed_hosts(cfg) -> list[str]:
     return LOOPBACK_NAMES if is_loopback(cfg.host) else ["*"]
 
 
+def host_name(header: str | None) -> str | None:
+    """The name of a Host header without its port ("[::1]:8000" → "[::1]"), lower-cased; None when malformed."""
+    if not header:
+        return None
+    if header.startswith("["):
+        end = header.find("]")
+        rest = header[end + 1:]
+        return header[:end + 1].lower() if end > 0 and (not rest or (rest[0] == ":" and rest[1:].isdigit())) else None
+    name, _, port = header.partition(":")
+    return name.lower() if name and ":" not in port and (not port or port.isdigit()) else None
+
+
 def host_allowed(host: str, allowed: list[str]) -> bool:
     return any(p == "*" or host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed)
 
@@ -54,9 +65,9 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         if self.allowed != ["*"]:
-            parsed = parse_host_header(Headers(scope=scope).get("host"))
-            if parsed is None or not host_allowed(parsed.host.lower(), self.allowed):
-                shown = "none" if parsed is None else repr(parsed.host[:100])
+            host = host_name(Headers(scope=scope).get("host"))
+            if host is None or not host_allowed(host, self.allowed):
+                shown = "none" if host is None else repr(host[:100])
                 return await error_response(400, f"this server does not serve the host name {shown} (allowed: "
                                                  f"{', '.join(self.allowed)}; serve.py --allowed-hosts)")(scope, receive, send)
         started = False

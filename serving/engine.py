@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 import numpy as np
+import torch
 
 from common import first_line, get_tokenizer
 from model import EOS_ID, TOKENIZER_VOCAB, BatchDecoder, choose_tokens, left_pad
@@ -35,16 +34,21 @@ def log(line: str):
     print(" ".join(line.split()), file=sys.stderr, flush=True)
 
 
-def sampling_problem(temperature, top_k, top_p) -> str | None:
-    """Why these settings cannot be sampled with in float32 (None when they can): the checks every row
-    passes before it is admitted (serving.protocol gives the same ones to a client, field by field)."""
-    if not isinstance(temperature, (int, float)) or not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        return f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {temperature!r}"
+def sampling_problem(temperature, top_k, top_p) -> tuple[str, str] | None:
+    """(the field, why) when these settings cannot be sampled with in float32, else None: the one check of
+    sampling settings, given to a client field by field (serving.protocol) and made again before a row is
+    admitted."""
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        return "temperature", f"temperature must be >= 0, got {temperature!r}"
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return "temperature", (f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                               f"got {temperature:g}")
     if not isinstance(top_k, int) or not 0 <= top_k < 2 ** 63:
-        return f"top_k must be an integer >= 0 (0: off), got {top_k!r}"
-    # 5e-324 is > 0 as a float64 but 0 as a float32, where top-p would turn off instead of keeping one token
-    if not isinstance(top_p, (int, float)) or not (0 < top_p <= 1 and np.float32(top_p) > 0):
-        return f"top_p must be in (0, 1] (and not 0 as a float32), got {top_p!r}"
+        return "top_k", f"top_k must be >= 0 (0: off), got {top_k!r}"
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        return "top_p", f"top_p must be in (0, 1], got {top_p!r}"
+    if not np.float32(top_p) > 0:  # 5e-324 is > 0 as a float64 but 0 as a float32, where top-p would turn off
+        return "top_p", f"top_p must be in (0, 1] as a float32, got {top_p:g}"
     return None
 
 
@@ -194,7 +198,8 @@ class Engine:
     def _admissible(self, job: Job) -> bool:
         """Whether the job can be decoded; one that cannot ends here, with an error of its own."""
         block = self.summarizer.model.config.block_size
-        problem = sampling_problem(job.temperature, job.top_k, job.top_p)
+        found = sampling_problem(job.temperature, job.top_k, job.top_p)
+        problem = found[1] if found else None
         if problem is None and not (job.prompt and all(isinstance(t, int) and 0 <= t < TOKENIZER_VOCAB for t in job.prompt)):
             problem = "the prompt is empty or holds a token outside the vocabulary"
         if problem is None and not (isinstance(job.max_new_tokens, int) and 1 <= job.max_new_tokens

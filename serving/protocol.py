@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 import tldr
 from common import UserError
 from model import TOKENIZER_VOCAB
-from serving.engine import MAX_TEMPERATURE, MIN_TEMPERATURE, Engine, GenerationError, Sampling, log, sampling_problem
+from serving.engine import Engine, GenerationError, Sampling, log, sampling_problem
 
 MAX_COMPLETIONS = 16  # most summaries one /v1/completions request may ask for (prompts x n)
 
@@ -109,18 +109,11 @@ def take_sampling(body: dict, engine: Engine, temperature_default: float, max_to
     seed = take(body, "seed", int, None, optional=True)
     if seed is not None and not 0 <= seed < 2 ** 63 - MAX_COMPLETIONS:
         raise RequestError(422, f"seed must be in [0, 2^63 - {MAX_COMPLETIONS}), got {seed}", "seed")
-    if temperature < 0:
-        raise RequestError(422, f"temperature must be >= 0, got {temperature}", "temperature")
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        raise RequestError(422, f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
-                                f"got {temperature:g}", "temperature")
-    if top_k < 0:
-        raise RequestError(422, f"top_k must be >= 0 (0: off), got {top_k}", "top_k")
     top_k = 0 if top_k >= TOKENIZER_VOCAB else top_k  # at least the whole vocabulary: no filter at all
-    if not 0 < top_p <= 1:
-        raise RequestError(422, f"top_p must be in (0, 1], got {top_p}", "top_p")
-    if sampling_problem(temperature, top_k, top_p):  # top_p 5e-324: positive, but 0 as a float32
-        raise RequestError(422, f"top_p must be in (0, 1] as a float32, got {top_p:g}", "top_p")
+    problem = sampling_problem(temperature, top_k, top_p)
+    if problem is not None:
+        field, message = problem
+        raise RequestError(422, message, field)
     if not 1 <= max_new <= engine.budget:
         raise RequestError(422, f"{max_tokens_field} must be in [1, {engine.budget}] for model {engine.name}, "
                                 f"got {max_new}", max_tokens_field)
