@@ -129,7 +129,7 @@ def load_checkpoint(path: str | os.PathLike, stages: str | tuple[str, ...] | Non
         if "GLOBAL" in str(e).upper():  # the pickle names a function or class: it could run code
             raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint "
                             f"(its pickle references code, which could run on load)") from None
-        raise UserError(f"cannot read checkpoint {path}: corrupt or truncated ({first_line(e)})") from None
+        raise UserError(f"cannot read checkpoint {path}: corrupt or truncated (not a torch checkpoint file)") from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as e:
         raise UserError(f"cannot read checkpoint {path}: corrupt or truncated ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or "stage" not in ckpt or "model" not in ckpt:
@@ -196,7 +196,10 @@ def load_lm(source: str, ckpt_dir: str | os.PathLike = "checkpoints", stages: tu
         return build_from_checkpoint(ckpt, GPT, dropout, where=path), ckpt
     try:
         return GPT.from_pretrained(source, **({} if dropout is None else {"dropout": dropout})), None
-    except (OSError, ValueError, KeyError, ImportError) as e:
+    except pickle.UnpicklingError:  # transformers loads pytorch_model.bin with weights_only=True
+        raise UserError(f"{flag} {source!r}: its weights file is not plain tensor data (a damaged file, or a "
+                        f"pickle that references code, which could run on load); nothing was loaded") from None
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError, EOFError) as e:
         raise UserError(f"{flag} {source!r} is neither a checkpoint in {ckpt_dir}/ nor loadable GPT-2 weights "
                         f"({first_line(e)})") from None
 

@@ -11,10 +11,12 @@ import contextlib
 import dataclasses
 import inspect
 import json
+import math
 import os
 import random
 import re
 import sys
+import time
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -88,14 +90,35 @@ def config_from(cls, presets: dict[str, dict] | None = None, preset: str | None 
     return cls(**values)
 
 
+def finite_float(text: str) -> float:
+    """argparse type of every float flag: a number, and a finite one (float() reads nan and inf, which would
+    disable a check such as grad clipping silently or fail deep inside the optimizer)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with the project's error form: a bad flag is one `error:` line and exit 2 (not argparse's
+    usage block); --help still shows every flag. Flags are never abbreviated (with abbreviations, a mistyped
+    `--data` silently meant `--data-dir`)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        die(f"{message} (python {self.prog} --help lists the flags)")
+
+
 def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | None = None,
-                 description: str | None = None):
+                 description: str | None = None, prog: str | None = None):
     """Command line → Config. Flags are kebab-case mirrors of the fields (`max_steps` ↔ `--max-steps`);
     `--preset NAME` picks a coherent set of defaults that explicit flags override."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog=prog, description=description, allow_abbrev=False,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
                             help="a coherent set of defaults; explicit flags override it")
@@ -107,6 +130,7 @@ def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | 
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         helptext = comments.get(f.name, "")
         tp, is_list = _flag_type(hints[f.name])
+        tp = finite_float if tp is float else tp
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=f"{helptext} (default: {default})")
@@ -125,7 +149,8 @@ def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | 
 def cli_main(main: Callable, cls, presets: dict[str, dict] | None = None, argv: list[str] | None = None):
     """The `if __name__ == "__main__"` body of every stage: parse flags, run, turn UserError into exit 2."""
     try:
-        cfg = parse_config(cls, presets, argv, description=inspect.getmodule(main).__doc__)
+        module = inspect.getmodule(main)
+        cfg = parse_config(cls, presets, argv, description=module.__doc__, prog=Path(module.__file__).name)
         return main(cfg)
     except UserError as e:
         die(str(e))
@@ -205,14 +230,29 @@ def select_dtype(requested: str, device_type: str, capability: tuple[int, int] |
     return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
 
 
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
 def resolve_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """`auto` (CUDA, else MPS, else CPU), or the device asked for, checked: a device type this machine does
+    not have is a UserError, not a failure at the first tensor moved there."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind, _, index = requested.partition(":")
+    if kind not in DEVICE_TYPES or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown --device {requested!r}; choose auto, cuda, cuda:N, mps or cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {requested}: no CUDA GPU is available here (or this torch is a CPU build); "
+                        f"use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise UserError("--device mps: Apple's MPS is not available here; use --device cpu")
+    return requested
 
 
 def compute_init(seed: int = 1337, device: str = "auto", dtype: str = "auto") -> Runtime:
@@ -298,6 +338,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode) as f:
@@ -316,6 +357,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.close(dir_fd)
     except OSError:
         pass
+
+
+STALE_TEMP_SECONDS = 60  # a write in progress touches its temp file far more often than this
+
+
+def remove_stale_temps(folder: Path, min_age: float = STALE_TEMP_SECONDS):
+    """Delete the temp files (`.NAME.PID.tmp`) that atomic_write left in `folder` when its process was killed
+    mid-write, checkpoint-sized garbage otherwise. A live process's temp file is never touched: one whose PID
+    runs here, or one written to within `min_age` seconds (a process of another node on a shared disk; 0 where
+    one process owns the folder)."""
+    for tmp in folder.glob(".*.tmp"):
+        pid = tmp.name[:-len(".tmp")].rpartition(".")[2]
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not a file
+            if tmp.is_file() and time.time() - tmp.stat().st_mtime >= min_age:
+                tmp.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str):
@@ -373,7 +441,14 @@ def check_flags(cfg, positive: tuple[str, ...] = (), non_negative: tuple[str, ..
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (cut to `limit` characters), or its type name when it has
-    none: what a one-line user error quotes of a library's exception."""
+    """The first line of an exception's message, cut to at most `limit` characters at a sentence (or word)
+    end, or its type name when it has none: what a one-line user error quotes of a library's exception."""
     text = str(e).strip().splitlines()
-    return text[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text[0]
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    end = head.rfind(". ")  # whole sentences where one fits, else whole words
+    return head[:end + 1] if end > 0 else head.rsplit(" ", 1)[0] + " ..."

@@ -18,7 +18,8 @@
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge meta-llama/Llama-3.1-8B-Instruct --judge-device cuda:1
     python eval_summaries.py --ckpt-dir checkpoints/small --data data/synthetic/tldr \\
         --comparisons data/synthetic/comparisons --posts 400 --out-dir runs/small/eval                 # CPU, generated world
-    python eval_summaries.py --data ../shared/realdata/tldr --split valid --posts 20 --rm ""          # a local folder of posts
+    python eval_summaries.py --ckpt-dir checkpoints/small --data my_posts --split valid --posts 20 \
+        --out-dir runs/small/eval_my_posts      # a local folder of posts (my_posts/valid.jsonl: tldr.py's schemas)
 
 Writes OUT_DIR/eval.json (every figure by name), OUT_DIR/eval.md (the table) and OUT_DIR/summaries.jsonl,
 the cache: one row per (post, model) with the post's id (a hash of its subreddit, title and text), the
@@ -361,7 +362,7 @@ def check_config(cfg: Config) -> tuple[dict[str, Path], Path | None, Path | None
 
 
 def main(cfg: Config) -> dict:
-    # --- config and inputs: every user error before a model is loaded
+    # --- config and inputs: every user error before a summary is generated
     paths, sft_path, rm_path = check_config(cfg)
     gold = summaries.use_gold(cfg.gold, cfg.data)
     rt = compute_init(0, cfg.device, cfg.dtype)
@@ -370,13 +371,6 @@ def main(cfg: Config) -> dict:
     if cfg.example >= len(rows):
         raise UserError(f"--example {cfg.example} is outside the {len(rows)} evaluated posts")
     posts, refs = [r.post for r in rows], [r.summary for r in rows]
-    out = Path(cfg.out_dir)
-    cache_path = out / "summaries.jsonl"
-    t0 = time.time()
-
-    # --- summaries, once per (checkpoint, post)
-    cache = read_cache(cache_path)
-    models, texts_of, generated = {}, {}, {}
     sft_name = None
     todo = dict(paths)
     if sft_path is not None:
@@ -384,10 +378,20 @@ def main(cfg: Config) -> dict:
         if sft_name is None:
             sft_name = sft_path.stem if sft_path.stem not in paths else "sft"
             todo[sft_name] = sft_path
+    stages = {name: load_checkpoint(path, POLICY_STAGES)["stage"] for name, path in todo.items()}
+    reward_model = load_reward_model(str(rm_path)) if rm_path is not None else None
+    rm_pairs = tldr.load_comparisons(cfg.comparisons, "valid")[:cfg.rm_pairs or None] if cfg.comparisons else []
+    out = Path(cfg.out_dir)
+    cache_path = out / "summaries.jsonl"
+    t0 = time.time()
+
+    # --- summaries, once per (checkpoint, post)
+    cache = read_cache(cache_path)
+    models, texts_of, generated = {}, {}, {}
     for name, path in todo.items():
         texts, ends, sha, generated[name] = cached_summaries(name, path, posts, cache, rt, cfg.batch_size, cache_path)
         texts_of[name] = texts
-        models[name] = {"checkpoint": str(path), "sha256": sha, "stage": load_checkpoint(path, POLICY_STAGES)["stage"],
+        models[name] = {"checkpoint": str(path), "sha256": sha, "stage": stages[name],
                         "role": "sft" if name == sft_name else "policy", "eos_rate": _mean(ends)}
     print(f"summaries of {len(posts)} posts: {sum(generated.values())} generated, "
           f"{len(posts) * len(todo) - sum(generated.values())} from {cache_path}", flush=True)
@@ -402,8 +406,8 @@ def main(cfg: Config) -> dict:
 
     # --- the reward model as a judge
     record_rm = {}
-    if rm_path is not None:
-        rm, rm_ckpt = load_reward_model(str(rm_path))
+    if reward_model is not None:
+        rm, rm_ckpt = reward_model
         rm.to(rt.device)
         score = lambda ps, ss: summaries.score_texts(rm, ps, ss, rm_ckpt.get("tldr"), cfg.batch_size, rt.autocast)
         rewards = {name: score(posts, texts_of[name]).tolist() for name in todo}
@@ -413,10 +417,9 @@ def main(cfg: Config) -> dict:
             models[name]["reward"] = _mean(rewards[name])
             other = {"reference": ref_rewards, "sft": rewards.get(sft_name)}
             wins[name]["reward_model"] = {o: win_rate(pointwise_outcomes(rewards[name], other[o])) for o, _ in opponents(name)}
-        if cfg.comparisons:
-            pairs = tldr.load_comparisons(cfg.comparisons, "valid")[:cfg.rm_pairs or None]
-            record_rm = reward_model_vs_gold(score, pairs)
-        del rm
+        if rm_pairs:
+            record_rm = reward_model_vs_gold(score, rm_pairs)
+        del rm, reward_model
 
     # --- the gold score: its breakdown, the paired differences to SFT, the oracle judge
     if gold:

@@ -27,7 +27,7 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from common import UserError, atomic_write, cli_main, get_tokenizer, json_line, write_json
+from common import UserError, atomic_write, cli_main, get_tokenizer, json_line, remove_stale_temps, write_json
 from model import EOS_ID
 
 PROGRESS = "progress.json"
@@ -195,12 +195,6 @@ def write_progress(out_dir: Path, progress: dict):
     write_json(out_dir / PROGRESS, progress, indent=1)
 
 
-def remove_stale_temp_files(out_dir: Path):
-    """A kill during a write leaves `.NAME.PID.tmp` behind (the real file is untouched): drop them."""
-    for tmp in out_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def shard_documents(docs: Iterator[np.ndarray], out_dir: Path, shard_tokens: int, max_tokens: int,
                     progress: dict, on_shard=None, bar=None) -> dict:
     """Cut the token stream into shards. `progress` is the position to start from (shards written,
@@ -290,7 +284,7 @@ def main(cfg: Config) -> dict:
     else:
         texts = hf_documents(cfg.dataset, cfg.name, cfg.split, cfg.text_field, skip=progress["doc"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
+    remove_stale_temps(out_dir, min_age=0)  # left by a conversion that was killed mid-write (one process writes here)
 
     # --- tokenize (a process pool: the worker is a module-level function, so spawn works) and shard
     workers = cfg.workers or max(1, (os.cpu_count() or 2) // 2)

@@ -116,14 +116,17 @@ def load_rows(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     if not path.is_file():
         raise UserError(f"HellaSwag file not found: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for lineno, raw in enumerate(f, 1):
             if limit and len(rows) >= limit:
                 break
-            if not line.strip():
-                continue
             where = f"{path}, line {lineno}"
-            rows.append(validate_row(json_line(line, where), where))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: not UTF-8 text; download the split again") from None
+            if line.strip():
+                rows.append(validate_row(json_line(line, where), where))
     if not rows:
         raise UserError(f"{path} holds no HellaSwag rows")
     return rows

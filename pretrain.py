@@ -35,7 +35,7 @@ from tqdm import tqdm
 import hellaswag
 from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
 from common import UserError, all_reduce_sum, check_flags, cli_main, first_line, get_tokenizer, mfu, print0
-from model import EOS_ID, GPT, MODEL_PRESETS, model_config
+from model import EOS_ID, GPT, MODEL_PRESETS, TOKENIZER_VOCAB, model_config
 from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
                       restore_training_state, start_run, step_seconds, update_step, use_compile)
 
@@ -104,6 +104,14 @@ def open_shard(path: Path) -> np.ndarray:
     return tokens
 
 
+def check_token_ids(tokens: np.ndarray, path: Path):
+    """A shard's ids must be GPT-2 tokens: a larger one would index past the embedding table (or into its
+    padding slots, whose -inf logits make the loss infinite). One pass over the shard, made once."""
+    if len(tokens) and int(tokens.max()) >= TOKENIZER_VOCAB:
+        raise UserError(f"{path} holds token id {int(tokens.max())}, outside the GPT-2 vocabulary of "
+                        f"{TOKENIZER_VOCAB}; it is not a fineweb.py shard of GPT-2 tokens, convert the data again")
+
+
 class ShardLoader:
     """(B, T) input/target batches read in order from memory-mapped shards.
 
@@ -127,6 +135,7 @@ class ShardLoader:
                             f"lower --total-batch-tokens or write bigger shards")
         self.epoch, self.pos, self.offset, self.micro = 0, 0, 0, 0
         self.order = self.shard_order(0)
+        self.checked: set[int] = set()  # shards whose ids were checked (check_token_ids), when first read
 
     def shard_order(self, epoch: int) -> list[int]:
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.shards)).tolist()
@@ -139,8 +148,12 @@ class ShardLoader:
                 if self.pos == len(self.order):
                     self.epoch, self.pos = self.epoch + 1, 0
                     self.order = self.shard_order(self.epoch)
+        shard = self.order[self.pos]
+        if shard not in self.checked:
+            check_token_ids(self.shards[shard], self.paths[shard])
+            self.checked.add(shard)
         start = self.offset + (self.micro * self.world_size + self.rank) * B * T
-        buf = torch.from_numpy(self.shards[self.order[self.pos]][start:start + B * T + 1].astype(np.int64))
+        buf = torch.from_numpy(self.shards[shard][start:start + B * T + 1].astype(np.int64))
         self.micro += 1
         if self.micro == self.accum:
             self.micro, self.offset = 0, self.offset + self.window
@@ -278,6 +291,8 @@ def main(cfg: Config) -> dict:
         raise UserError(f"no train shards (train_NNNNNN.npy) in {cfg.data_dir}; write them with fineweb.py")
     loader = ShardLoader(train_paths, cfg.micro_batch, cfg.seq_len, rt.rank, rt.world_size, cfg.seed, accum)
     val_shards = [open_shard(p) for p in val_paths]
+    for tokens, path in zip(val_shards, val_paths):
+        check_token_ids(tokens, path)
     val_seqs = val_sequences(val_shards, cfg.seq_len, cfg.val_tokens)
     if not val_seqs:
         print0(f"val loss: no val shard with {cfg.seq_len + 1}+ tokens in {cfg.data_dir} (or --val-tokens 0), skipped")

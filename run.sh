@@ -12,7 +12,7 @@
 #   ./run.sh gpt2                  # the real run: FineWeb-Edu, HellaSwag, TL;DR; torchrun over all visible GPUs
 #   NPROC=2 PRETRAIN_ARGS="--micro-batch 16" SFT_ARGS="--micro-batch 8" RM_ARGS="--micro-batch 4" \
 #       PPO_ARGS="--micro-batch 4 --gen-batch 32" ./run.sh gpt2               # two T4s
-#   ./run.sh small --force         # redo every stage after the data
+#   ./run.sh small --force         # redo every stage after the data (the old checkpoints go to checkpoints/small/previous/)
 #   ./run.sh small --name try2     # a second run beside the first: checkpoints/try2/, runs/try2/
 #
 # Everything is written under the current directory: data/ (shared by runs of the same preset),
@@ -46,7 +46,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$PRESET" ]] || die "give a preset; usage: ./run.sh small|tiny|gpt2 [--force] [--name NAME]"
 NAME="${NAME:-$PRESET}"
-[[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]] || die "--name may hold letters, digits, '.', '_' and '-' only, got '$NAME'"
+[[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
+  || die "--name may hold letters, digits, '.', '_' and '-' only, starting with a letter or digit, got '$NAME'"
 
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$ROOT/.venv/bin/python" ]]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python3; fi
@@ -54,7 +55,16 @@ fi
 CKPT="checkpoints/$NAME"
 RUN="runs/$NAME"
 mkdir -p "$CKPT" "$RUN/.done"
-[[ $FORCE == 1 ]] && rm -f "$RUN"/.done/* "$RUN/times.tsv"
+if [[ $FORCE == 1 ]]; then
+  # every stage starts afresh: the earlier run's outputs move to $CKPT/previous/ (replacing an older set), so that
+  # no stage of this run - interrupted and rerun without --force - resumes from or skips on one of them
+  rm -f "$RUN"/.done/* "$RUN/times.tsv"
+  shopt -s nullglob; OLD=("$CKPT"/*.pt "$CKPT"/*.json "$CKPT"/comparisons_sf[t]); shopt -u nullglob
+  if [[ ${#OLD[@]} -gt 0 ]]; then
+    rm -rf "$CKPT/previous"; mkdir -p "$CKPT/previous"; mv "${OLD[@]}" "$CKPT/previous/"
+    echo "== --force: the earlier run's ${#OLD[@]} checkpoint files moved to $CKPT/previous/"
+  fi
+fi
 
 # --- launcher: one process on a CPU, torchrun over the GPUs of this node for the real run
 if [[ "$PRESET" == gpt2 ]]; then

@@ -27,7 +27,9 @@ decoded ends alone (500), the requests batched with it go on.
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from common import UserError, cli_main, compute_init
 from serving.app import create_app
 from serving.engine import Engine
 from serving.native import load_examples
-from summaries import DEFAULT_CKPT, FALLBACK_CKPT, Summarizer
+from summaries import DEFAULT_CKPT, FALLBACK_CKPT, Summarizer, summarizer_dir
 
 
 @dataclass
@@ -121,6 +123,8 @@ def main(cfg: Config):
     # everything that can fail on the user's input comes before the decoding threads exist: a process that
     # exits while they run aborts in torch's teardown ("terminate called without an active exception")
     examples = load_examples(cfg.examples, cfg.num_examples)
+    if not cfg.ckpt:  # after `make demo` the models are in checkpoints/small/, not checkpoints/
+        cfg = dataclasses.replace(cfg, ckpt_dir=summarizer_dir(cfg.ckpt_dir, lambda text: print(text, file=sys.stderr, flush=True)))
     engines = load_engines(cfg)
     try:
         app = create_app(engines, cfg, examples)

@@ -13,6 +13,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -29,6 +30,31 @@ METADATA_SKIPPED = ("model", "optimizer", "scaler", "rng", "data_state", "value_
 
 # -----------------------------------------------------------------------------
 # generation
+
+# The sampler divides float32 logits by the temperature: below MIN_TEMPERATURE the quotient can overflow to inf
+# (and the distribution becomes NaN), a temperature that is inf in float32 (1e39 is finite only as a float64)
+# makes every logit 0 or NaN, and above MAX_TEMPERATURE the distribution is the uniform one over the vocabulary
+# in all but name. So a temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE].
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+
+
+def sampling_problem(temperature, top_k, top_p) -> tuple[str, str] | None:
+    """(the field, why) when these settings cannot be sampled with in float32, else None: the one check of
+    sampling settings, made by summarize.py on its flags, by the server on a request field by field
+    (serving.protocol) and again before a row is admitted (serving.engine)."""
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:
+        return "temperature", f"temperature must be >= 0, got {temperature!r}"
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return "temperature", (f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                               f"got {temperature:g}")
+    if not isinstance(top_k, int) or not 0 <= top_k < 2 ** 63:
+        return "top_k", f"top_k must be >= 0 (0: off), got {top_k!r}"
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        return "top_p", f"top_p must be in (0, 1], got {top_p!r}"
+    if not np.float32(top_p) > 0:  # 5e-324 is > 0 as a float64 but 0 as a float32, where top-p would turn off
+        return "top_p", f"top_p must be in (0, 1] as a float32, got {top_p:g}"
+    return None
+
 
 def prompt_budget(block_size: int, max_new_tokens: int, max_prompt_tokens: int = tldr.MAX_PROMPT_TOKENS) -> int:
     """Prompt tokens a model can take when it will add max_new_tokens: the checkpoint's prompt budget, or
@@ -142,6 +168,24 @@ class Summarizer:
         return generate_summaries_and_ends(self.model, posts, rt, batch_size, max_new_tokens or self.budget,
                                            temperature, self.info["max_prompt_tokens"], self.info["template"],
                                            top_k, top_p, generator, progress)
+
+
+def summarizer_dir(ckpt_dir: str, note=None) -> str:
+    """ckpt_dir, or - when it holds no summarizer (neither DEFAULT_CKPT nor FALLBACK_CKPT) but exactly one of
+    its subfolders does, as after `make demo` (run.sh writes checkpoints/<name>/) - that subfolder, and
+    `note` is told so. Several candidate subfolders are a UserError that names them."""
+    base = Path(ckpt_dir)
+    def holds_one(folder: Path) -> bool:
+        return any((folder / name).is_file() for name in (DEFAULT_CKPT, FALLBACK_CKPT))
+    if not base.is_dir() or holds_one(base):
+        return ckpt_dir
+    runs = sorted(d for d in base.iterdir() if d.is_dir() and holds_one(d))
+    if len(runs) > 1:
+        raise UserError(f"no summarizer in {base}/ itself, and {len(runs)} of its run folders hold one "
+                        f"({', '.join(d.name for d in runs)}): choose one with --ckpt-dir {base}/NAME")
+    if runs and note is not None:
+        note(f"note: no summarizer in {base}/ itself; using the run folder {runs[0]} (--ckpt-dir chooses another)")
+    return str(runs[0]) if runs else ckpt_dir
 
 
 def find_summarizer_path(ckpt: str, ckpt_dir: str, note=None) -> Path:

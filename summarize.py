@@ -23,7 +23,7 @@ import torch
 import summaries
 import tldr
 from common import UserError, cli_main, compute_init, die
-from summaries import DEFAULT_CKPT, Summarizer, find_summarizer_path
+from summaries import DEFAULT_CKPT, Summarizer, find_summarizer_path, sampling_problem, summarizer_dir
 
 
 @dataclass
@@ -49,6 +49,7 @@ def split_positional(argv: list[str], cls=Config) -> list[str]:
     every word is positional."""
     hints = typing.get_type_hints(cls)
     takes_value = {"--" + f.name.replace("_", "-"): hints[f.name] is not bool for f in dataclasses.fields(cls)}
+    takes_value.update({"--no-" + f.name.replace("_", "-"): False for f in dataclasses.fields(cls) if hints[f.name] is bool})
     out, positional, i = [], [], 0
     while i < len(argv):
         word = argv[i]
@@ -57,8 +58,9 @@ def split_positional(argv: list[str], cls=Config) -> list[str]:
             break
         if word.startswith("--"):
             name = word.split("=", 1)[0]
-            matches = [f for f in takes_value if f == name] or [f for f in takes_value if f.startswith(name)]
-            consumes = "=" not in word and len(matches) == 1 and takes_value[matches[0]]
+            if name not in takes_value and name != "--help":
+                raise UserError(f"unknown flag {name}; python summarize.py --help lists them")
+            consumes = "=" not in word and takes_value.get(name, False)
             out += argv[i:i + 1 + consumes]
             i += 1 + consumes
         elif word.startswith("-") and word != "-":  # -h and the like: argparse's business
@@ -85,6 +87,11 @@ def read_post(text: str) -> str:
         except UnicodeDecodeError as e:
             raise UserError(f"the post on stdin is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r}); "
                             f"convert it, e.g. with iconv -t utf-8") from None
+    else:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes of the command line arrive as lone surrogates
+            raise UserError("the post argument is not UTF-8 text; convert it, e.g. with iconv -t utf-8") from None
     text = text.replace("\r\n", "\n").strip()
     if not text:
         raise UserError("the post is empty: give its text as the argument or on stdin")
@@ -92,10 +99,10 @@ def read_post(text: str) -> str:
 
 
 def check_config(cfg: Config):
-    if cfg.temperature < 0:
-        raise UserError(f"--temperature must not be negative, got {cfg.temperature}")
-    if cfg.top_k < 0 or not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top-k must be >= 0 and --top-p in (0, 1], got {cfg.top_k} and {cfg.top_p}")
+    problem = sampling_problem(cfg.temperature, cfg.top_k, cfg.top_p)
+    if problem:
+        field, why = problem
+        raise UserError(f"--{field.replace('_', '-')}: {why}")
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
         raise UserError(f"--num-samples must be >= 1 and --max-new-tokens >= 0, got {cfg.num_samples} and {cfg.max_new_tokens}")
     if cfg.num_samples > 1 and cfg.temperature == 0:
@@ -109,7 +116,9 @@ def main(cfg: Config) -> list[str]:
     post = tldr.Post(text, cfg.title.strip(), cfg.subreddit.strip().removeprefix("r/"))
 
     # --- model: the checkpoint's weights and the prompt template it was trained with
-    path = find_summarizer_path(cfg.ckpt, cfg.ckpt_dir, note=lambda text: print(text, file=sys.stderr, flush=True))
+    note = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    ckpt_dir = summarizer_dir(cfg.ckpt_dir, note) if cfg.ckpt == DEFAULT_CKPT else cfg.ckpt_dir
+    path = find_summarizer_path(cfg.ckpt, ckpt_dir, note)
     rt = compute_init(cfg.seed, cfg.device, cfg.dtype)
     summarizer = Summarizer.load(path, rt.device)
     info = summarizer.info
@@ -133,9 +142,14 @@ def main(cfg: Config) -> list[str]:
     return texts
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None):
+    """The command line: the post as the one positional argument, then flags as every stage parses them."""
     try:
-        args = split_positional(sys.argv[1:])
+        args = split_positional(sys.argv[1:] if argv is None else argv)
     except UserError as e:
         die(str(e))
-    cli_main(main, Config, None, argv=args)
+    return cli_main(main, Config, None, argv=args)
+
+
+if __name__ == "__main__":
+    cli()

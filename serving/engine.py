@@ -14,42 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from common import first_line, get_tokenizer
 from model import EOS_ID, TOKENIZER_VOCAB, BatchDecoder, choose_tokens, left_pad
-from summaries import Summarizer
+from summaries import Summarizer, sampling_problem
 
-# The sampler divides float32 logits by the temperature: below MIN_TEMPERATURE the quotient can overflow to inf
-# (and the distribution becomes NaN), a temperature that is inf in float32 (1e39 is finite only as a float64)
-# makes every logit 0 or NaN, and above MAX_TEMPERATURE the distribution is the uniform one over the vocabulary
-# in all but name. So a temperature is 0 (greedy) or in [MIN_TEMPERATURE, MAX_TEMPERATURE].
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 GENERATION_FAILED = "generation failed: a fault of this server, whose log has the details"
 
 
 def log(line: str):
     """One line on the server's log (stderr): a message that spans lines is folded into one."""
     print(" ".join(line.split()), file=sys.stderr, flush=True)
-
-
-def sampling_problem(temperature, top_k, top_p) -> tuple[str, str] | None:
-    """(the field, why) when these settings cannot be sampled with in float32, else None: the one check of
-    sampling settings, given to a client field by field (serving.protocol) and made again before a row is
-    admitted."""
-    if not isinstance(temperature, (int, float)) or not temperature >= 0:
-        return "temperature", f"temperature must be >= 0, got {temperature!r}"
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
-        return "temperature", (f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
-                               f"got {temperature:g}")
-    if not isinstance(top_k, int) or not 0 <= top_k < 2 ** 63:
-        return "top_k", f"top_k must be >= 0 (0: off), got {top_k!r}"
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        return "top_p", f"top_p must be in (0, 1], got {top_p!r}"
-    if not np.float32(top_p) > 0:  # 5e-324 is > 0 as a float64 but 0 as a float32, where top-p would turn off
-        return "top_p", f"top_p must be in (0, 1] as a float32, got {top_p:g}"
-    return None
 
 
 class TextStream:

@@ -246,3 +246,36 @@ def test_check_flags_names_the_flag_out_of_range():
     cfg.micro_batch, cfg.warmup_steps = 4, -1
     with pytest.raises(UserError, match=r"^--warmup-steps must not be negative, got -1$"):
         common.check_flags(cfg, positive=("micro_batch",), non_negative=("warmup_steps",))
+
+
+def test_devices_are_checked_when_resolved(monkeypatch):
+    assert common.resolve_device("cpu") == "cpu"
+    for bad, message in (("tpu", "unknown --device 'tpu'"), ("cpu:1", "unknown --device"), ("cuda:x", "unknown --device")):
+        with pytest.raises(UserError, match=message):
+            common.resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA GPU is available"):
+        common.resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert common.resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(UserError, match="has 2 CUDA device"):
+        common.resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("text,ok", [("3e-4", True), ("-1", True), ("nan", False), ("inf", False), ("-inf", False),
+                                     ("1e999", False), ("x", False)])
+def test_float_flags_must_be_finite(text, ok):
+    import argparse
+    if ok:
+        assert common.finite_float(text) == float(text)
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            common.finite_float(text)
+
+
+def test_first_line_is_cut_at_a_sentence_or_word_end():
+    assert common.first_line(ValueError("short.\nsecond line")) == "short."
+    assert common.first_line(RuntimeError("One sentence. " + "x " * 150), limit=50) == "One sentence."
+    assert common.first_line(RuntimeError("word " * 100), limit=23) == "word word word word ..."
+    assert common.first_line(KeyError()) == "KeyError"

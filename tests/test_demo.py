@@ -201,11 +201,23 @@ def test_run_sh_continues_an_interrupted_stage_and_force_redoes_all(tmp_path):
                               "summarize.py", "report.py", "plot.py"]
     assert not any("--resume" in line.split() for line in calls.read_text().splitlines())
     assert not (run / "sft" / "log.jsonl").exists()                   # a fresh run does not append to the old log
+    assert sorted(p.name for p in (ck / "previous").iterdir()) == ["pretrain.pt", "pretrain_hellaswag_val.json",
+                                                                  "sft_latest.pt"]
+    assert "== --force: the earlier run's 3 checkpoint files moved to checkpoints/tiny/previous/" in proc.stdout
+
+    # the forced run interrupted before its stages saved anything: a rerun resumes none of the earlier run's files
+    for marker in (run / ".done").iterdir():
+        marker.unlink()
+    calls.unlink()
+    proc = run_sh(["tiny"], tmp_path, python=fake_python(tmp_path, calls))
+    assert proc.returncode == 0 and "continuing from" not in proc.stdout, proc.stdout
+    assert not any("--resume" in line.split() for line in calls.read_text().splitlines())
 
 
 def test_run_sh_bad_arguments_are_one_line_errors(tmp_path):
     for args, msg in ((["huge"], "unknown argument 'huge'"), ([], "give a preset"),
-                      (["tiny", "--name", "a/b"], "--name may hold")):
+                      (["tiny", "--name", "a/b"], "--name may hold"), (["tiny", "--name", ".."], "--name may hold"),
+                      (["tiny", "--name=."], "--name may hold")):
         proc = run_sh(args, tmp_path)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and msg in proc.stderr, proc.stderr
         assert proc.stderr.count("\n") == 1

@@ -118,8 +118,29 @@ def test_sampling_flags_and_positional_parsing(ckpts, monkeypatch, capsys):
     split = summarize.split_positional
     assert split(["--title", "My title", "the post", "--top-k", "5"]) == \
         ["--title", "My title", "--top-k", "5", "--post=the post"]
-    assert split(["--temp", "0.5", "-"]) == ["--temp", "0.5", "--post=-"]  # argparse's prefix abbreviations
+    assert split(["--temperature", "0.5", "-"]) == ["--temperature", "0.5", "--post=-"]
+    with pytest.raises(UserError, match="unknown flag --temp;"):  # flags are never abbreviated
+        split(["--temp", "0.5", "-"])
+    with pytest.raises(UserError, match="unknown flag --tempurature;"):  # not taken for the post's words
+        split(["--tempurature", "0.5", "the post"])
     assert split(["--", "--starts with dashes"]) == ["--post=--starts with dashes"]
     assert split(["--title=T"]) == ["--title=T"]
     with pytest.raises(UserError, match="one argument"):
         split(["two", "words"])
+
+
+def test_default_folder_falls_back_to_its_one_run_folder(ckpts, tmp_path, monkeypatch, capsys):
+    """After `make demo` the models are in checkpoints/small/: the documented `python summarize.py "post"`
+    (checkpoints/ by default) uses that folder and says so; two run folders are an error naming both."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(ckpts["both"], tmp_path / "checkpoints" / "small")
+    out, _, err = _run(monkeypatch, capsys, post=POST.post, title=POST.title, subreddit=POST.subreddit)
+    assert out == [_greedy(ckpts["ppo"], POST)]
+    assert "using the run folder checkpoints/small" in err
+    shutil.copytree(ckpts["sft_only"], tmp_path / "checkpoints" / "other")
+    with pytest.raises(UserError, match=r"2 of its run folders hold one \(other, small\).*--ckpt-dir checkpoints/NAME"):
+        _run(monkeypatch, capsys, post=POST.post)
+    out, _, err = _run(monkeypatch, capsys, post=POST.post, title=POST.title, subreddit=POST.subreddit,
+                       ckpt_dir="checkpoints/other")
+    assert out == [_greedy(ckpts["sft"], POST)] and "run folder" not in err
