@@ -13,6 +13,11 @@ writes everything to JSON):
   serve      serve.py under N concurrent streaming clients on loopback (--serve-clients, e.g. 1 8 32):
              requests/s, p50/p95 time to first token and latency, errors; the batching server against the
              same server taking one request at a time (--max-batch 1). Not in the default sections.
+  optimizer  pretrain.py --optimizer adamw vs muon on real text (--opt-text) and the generated world's
+             documents: a learning-rate sweep each, more seeds at the best rate, the tokens and training
+             seconds each needs to reach a validation loss both reach, the final loss at a fixed token
+             budget; and the Newton-Schulz step in bfloat16 (torch.optim.Muon's) vs float32 on --device.
+             Not in the default sections (about 15 minutes on 2 CPU cores).
 
 Every comparison excludes warm-up runs, repeats, reports the median and the range, and alternates the
 order of the sides from one round to the next, so that a machine that speeds up or slows down (other
@@ -25,6 +30,7 @@ where absolute times do not.
     python bench.py --preset gpt2 --device cuda --batch-size 16 --seq-len 1024   # one GPU: fp32/bf16/fp16, compile
     python bench.py --preset gpt2 --device cuda --variants fp16 fp16+compile     # a T4
     python bench.py --preset small --sections serve                              # the serving table (about 3 minutes)
+    python bench.py --sections optimizer --opt-text ../shared/realdata/tinyshakespeare/input.txt   # AdamW vs Muon
 
 One process on one device by design: there is no torchrun command, because a benchmark of a multi-GPU
 run measures the interconnect; run it on each kind of GPU instead.
@@ -32,6 +38,7 @@ run measures the interconnect; run it on each kind of GPU instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -45,12 +52,15 @@ from typing import Callable
 
 import torch
 
+import fineweb
 import hellaswag
 import ppo
+import pretrain
 import synthetic
 import tldr
 from checkpoints import save_checkpoint
-from common import Runtime, UserError, cli_main, compute_init, print0, select_dtype, write_json
+from common import (Runtime, UserError, cli_main, compute_init, config_from, get_tokenizer, print0, select_dtype,
+                    write_json)
 from model import EOS_ID, GPT, MODEL_PRESETS, TOKENIZER_VOCAB, ScoreModel, model_config
 from training import read_log
 
@@ -82,7 +92,15 @@ class Config:
     serve_tokens: int = 53          # serve section: summary tokens per request (TL;DR's budget; random weights rarely stop early)
     serve_max_batch: int = 32       # serve section: the batching side's --max-batch
     serve_ckpt: str = ""            # serve section: serve this summarizer checkpoint instead of random `--model` weights
-    sections: list[str] = field(default_factory=lambda: ["train", "generate", "hellaswag", "ppo"])  # what to run: train generate hellaswag ppo serve
+    opt_corpora: list[str] = field(default_factory=lambda: ["text", "generated"])  # optimizer section: text (--opt-text) and/or generated (synthetic.py's pretraining documents)
+    opt_text: str = "data/tinyshakespeare/input.txt"  # optimizer section: a UTF-8 text file (tinyshakespeare); its first 10% of tokens are the validation set
+    opt_model: str = "small"        # optimizer section: model size trained (pretrain.py's small preset otherwise: 512-token steps)
+    opt_steps: int = 200            # optimizer section: steps per run (the schedule's length)
+    opt_adamw_lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])  # optimizer section: AdamW peak learning rates swept
+    opt_muon_lrs: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.04])  # optimizer section: Muon peak learning rates swept (AdamW on the rest at the best AdamW rate)
+    opt_seeds: int = 2              # optimizer section: seeds at each optimizer's best rate (init and data order)
+    opt_eval_every: int = 20        # optimizer section: steps between validation losses (of 4,096 tokens)
+    sections: list[str] = field(default_factory=lambda: ["train", "generate", "hellaswag", "ppo"])  # what to run: train generate hellaswag ppo serve optimizer
     repeats: int = 5                # timed runs per side (median and range over these)
     warmup: int = 1                 # untimed runs per side first (allocator, caches, torch.compile)
     device: str = "auto"            # auto | cpu | cuda | mps
@@ -524,6 +542,110 @@ def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
             "max_batch": cfg.serve_max_batch, "rounds": cfg.serve_rounds, "levels": levels}
 
 
+# -----------------------------------------------------------------------------
+# section 6: optimizers - pretrain.py --optimizer adamw vs muon, tokens and seconds to a validation loss
+
+def optimizer_corpus(cfg: Config, name: str, work: Path) -> Path:
+    """A folder of fineweb.py shards: `text` (--opt-text as one document; shards of a tenth of its tokens,
+    so the first - the validation set - is its first 10%) or `generated` (synthetic.py's pretraining
+    documents, the small preset's 100k-token shards)."""
+    out = work / name
+    if name == "text":
+        path = Path(cfg.opt_text)
+        if not path.is_file():
+            raise UserError(f"--opt-text {path}: no such file (tinyshakespeare: https://raw.githubusercontent.com/"
+                            f"karpathy/char-rnn/master/data/tinyshakespeare/input.txt)")
+        tokens = len(get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8"))) + 1  # + EOT
+        flags = dict(input=[str(path)], shard_tokens=-(-tokens // 10))
+    else:
+        world = work / "world"
+        synthetic.main(synthetic.Config(out=str(world), seed=cfg.seed))
+        flags = dict(input=[str(world / "pretrain.jsonl")], shard_tokens=fineweb.PRESETS["small"]["shard_tokens"])
+    fineweb.main(config_from(fineweb.Config, None, None, out_dir=str(out), workers=1, **flags))
+    return out
+
+
+def optimizer_run(cfg: Config, shards: Path, work: Path, optimizer: str, lr: float, adamw_lr: float, seed: int) -> dict:
+    """One pretrain.py run (small preset, --opt-steps, quiet): its validation curve and the training seconds
+    (steps' dt, evaluations excluded) up to each evaluation."""
+    name = f"{shards.name}-{optimizer}-{lr:g}-seed{seed}"
+    flags = dict(model=cfg.opt_model, data_dir=str(shards), max_steps=cfg.opt_steps, eval_every=cfg.opt_eval_every,
+                 val_tokens=4096, hellaswag_path="", num_samples=0, save_every=0, ckpt=str(work / f"{name}.pt"),
+                 run_name=str(work / name), seed=seed, optimizer=optimizer, max_lr=adamw_lr, min_lr=adamw_lr / 10,
+                 muon_lr=lr if optimizer == "muon" else 0.02, device=cfg.device, compile=False)
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        pretrain.main(config_from(pretrain.Config, pretrain.PRESETS, "small", **flags))
+    log = read_log(work / name / "log.jsonl")
+    step_s = {r["step"]: r["dt_ms"] / 1000 for r in log if r["kind"] == "train"}
+    curve = [(r["step"], r["val_loss"], sum(v for k, v in step_s.items() if k < r["step"]))
+             for r in log if r["kind"] == "eval" and "val_loss" in r]
+    return {"optimizer": optimizer, "lr": lr, "adamw_lr": adamw_lr, "seed": seed, "curve": curve,
+            "final_val_loss": curve[-1][1], "train_seconds": sum(step_s.values())}
+
+
+def to_target(run: dict, target: float, tokens_per_step: int) -> dict:
+    """Tokens and training seconds of a run's first evaluation at or below `target`."""
+    step, _, seconds = next(point for point in run["curve"] if point[1] <= target)
+    return {"tokens": step * tokens_per_step, "seconds": seconds}
+
+
+def newton_schulz_seconds(rt: Runtime, repeats: int) -> dict:
+    """Seconds of torch.optim.Muon's Newton-Schulz iteration (bfloat16) on the gpt2 size's largest block
+    matrix, against the same iteration in float32 (a reference written here), on this device."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+
+    def float32_iteration(g: torch.Tensor) -> torch.Tensor:
+        x = g.float().T  # (768, 3072): the Gram matrix of the short side
+        x = x / x.norm().clamp(min=1e-7)
+        for _ in range(5):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=DEFAULT_B, alpha=DEFAULT_C), x, beta=DEFAULT_A)
+        return x.T
+
+    grad = torch.randn(3072, 768, generator=torch.Generator().manual_seed(0)).to(rt.device)
+    bf16 = lambda: _zeropower_via_newtonschulz(grad, (DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, 1e-7)  # noqa: E731
+    seconds = race({"bfloat16": bf16, "float32": lambda: float32_iteration(grad)}, repeats, 1, make_sync(rt.device))
+    gap = (bf16().float() - float32_iteration(grad)).abs().max().item()
+    return {"shape": [3072, 768], "bfloat16_s": statistics.median(seconds["bfloat16"]),
+            "float32_s": statistics.median(seconds["float32"]),
+            "ratio": paired_ratio(seconds["bfloat16"], seconds["float32"]), "max_abs_difference": gap}
+
+
+def bench_optimizer(cfg: Config, rt: Runtime) -> dict:
+    """Per corpus: AdamW swept over --opt-adamw-lrs, Muon over --opt-muon-lrs (AdamW on the rest at AdamW's
+    best rate), --opt-seeds seeds at each best rate; the target is the highest of the best runs' lowest
+    validation losses (every best run reaches it); tokens and seconds to it, and the final loss."""
+    tokens_per_step = pretrain.PRESETS["small"]["total_batch_tokens"]
+    results = {"model": cfg.opt_model, "steps": cfg.opt_steps, "tokens_per_step": tokens_per_step,
+               "newton_schulz": newton_schulz_seconds(rt, cfg.repeats), "corpora": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for corpus in cfg.opt_corpora:
+            work = Path(tmp) / corpus
+            shards = optimizer_corpus(cfg, corpus, work)
+            sweep = {"adamw": [optimizer_run(cfg, shards, work, "adamw", lr, lr, cfg.seed) for lr in cfg.opt_adamw_lrs]}
+            best_adamw = min(sweep["adamw"], key=lambda r: r["final_val_loss"])["lr"]
+            sweep["muon"] = [optimizer_run(cfg, shards, work, "muon", lr, best_adamw, cfg.seed) for lr in cfg.opt_muon_lrs]
+            best = {}
+            for opt, runs in sweep.items():
+                top = min(runs, key=lambda r: r["final_val_loss"])
+                best[opt] = [top] + [optimizer_run(cfg, shards, work, opt, top["lr"], best_adamw, cfg.seed + k)
+                                     for k in range(1, cfg.opt_seeds)]
+            target = max(min(v for _, v, _ in run["curve"]) for runs in best.values() for run in runs)
+            row = {"target_val_loss": target, "sweep": sweep, "best": {}}
+            for opt, runs in best.items():
+                reached = [to_target(run, target, tokens_per_step) for run in runs]
+                row["best"][opt] = {"lr": runs[0]["lr"], "runs": runs, "reached": reached,
+                                    "tokens": [r["tokens"] for r in reached], "seconds": [r["seconds"] for r in reached],
+                                    "final_val_loss": [run["final_val_loss"] for run in runs]}
+            a, m = row["best"]["adamw"], row["best"]["muon"]
+            row["tokens_ratio"] = statistics.mean(a["tokens"]) / statistics.mean(m["tokens"])
+            row["seconds_ratio"] = statistics.mean(a["seconds"]) / statistics.mean(m["seconds"])
+            results["corpora"][corpus] = row
+            print0(f"bench: optimizer {corpus}: target {target:.3f}, AdamW/Muon tokens {row['tokens_ratio']:.2f}x, "
+                   f"seconds {row['seconds_ratio']:.2f}x")
+    return results
+
+
 # Sections in the order they run.
 SECTIONS = {
     "train": bench_train,
@@ -531,6 +653,7 @@ SECTIONS = {
     "hellaswag": lambda cfg, ours, hf, rt: bench_hellaswag(cfg, ours, rt),
     "ppo": lambda cfg, ours, hf, rt: bench_ppo(cfg, ours, rt),
     "serve": lambda cfg, ours, hf, rt: bench_serve(cfg, ours, rt),
+    "optimizer": lambda cfg, ours, hf, rt: bench_optimizer(cfg, rt),
 }
 
 
@@ -647,6 +770,25 @@ def format_report(results: dict) -> str:
                              f"{st['ttft_p50_s']:.3f} / {st['ttft_p95_s']:.3f} | {st['latency_p50_s']:.2f} / "
                              f"{st['latency_p95_s']:.2f} | {st['errors']} | {ratio} |")
         lines.append("")
+    if "optimizer" in results:
+        o = results["optimizer"]
+        ns = o["newton_schulz"]
+        spread = lambda xs, fmt: f"{fmt(statistics.mean(xs))} ({fmt(min(xs))}-{fmt(max(xs))})"  # noqa: E731
+        lines += [f"**Optimizers** (pretrain.py, model `{o['model']}`, {o['steps']} steps of {o['tokens_per_step']} "
+                  f"tokens, warmup + cosine; mean (range) over seeds at each optimizer's best rate)", "",
+                  "| corpus | optimizer | best lr (swept: final val loss) | tokens to target | train s to target | "
+                  "final val loss | AdamW / Muon tokens | seconds |", "|---|---|---|---|---|---|---|---|"]
+        for corpus, row in o["corpora"].items():
+            for opt, label in (("adamw", "AdamW"), ("muon", "Muon + AdamW")):
+                b = row["best"][opt]
+                swept = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.3f}" for r in row["sweep"][opt])
+                ratios = (f"{row['tokens_ratio']:.2f}x | {row['seconds_ratio']:.2f}x" if opt == "muon" else " | ")
+                lines.append(f"| {corpus} (target {row['target_val_loss']:.3f}) | {label} | {b['lr']:g} ({swept}) | "
+                             f"{spread(b['tokens'], lambda v: f'{v:,.0f}')} | {spread(b['seconds'], lambda v: f'{v:.0f}')} | "
+                             f"{spread(b['final_val_loss'], lambda v: f'{v:.3f}')} | {ratios} |")
+        lines += ["", f"Newton-Schulz (5 steps) on a {ns['shape'][0]}x{ns['shape'][1]} matrix: bfloat16 "
+                  f"{1000 * ns['bfloat16_s']:.1f} ms, float32 {1000 * ns['float32_s']:.1f} ms (bfloat16 faster by "
+                  f"{_ratio(ns['ratio'])}; largest difference {ns['max_abs_difference']:.4f})", ""]
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for tgt in results["targets"]:
         value = "-" if tgt["value"] is None else f"{tgt['value']:.2f}x"

@@ -23,7 +23,7 @@ from common import UserError, atomic_write, first_line, unwrap
 from model import GPT, GPTConfig, ScoreModel, build_model
 
 CHECKPOINT_FORMAT = 1
-LM_STAGES = ("pretrain", "sft", "ppo")     # checkpoints that hold a language model (ppo: its policy)
+LM_STAGES = ("pretrain", "sft", "ppo", "dpo")  # checkpoints that hold a language model (ppo: its policy)
 REWARD_MODEL_STAGE = "reward_model"
 REWARD_MODEL_CKPT = "reward_model.pt"      # reward_model.py's finished (normalised) checkpoint
 

@@ -12,7 +12,11 @@
   with the paired difference to the SFT model on the same posts and its standard error, and the reward
   model's agreement with the gold score on the world's comparisons (--comparisons);
 - words per summary, the share of summaries the model ended itself (EOS) and the share of summary
-  word trigrams copied from the post: what over-optimising a reward changes.
+  word trigrams copied from the post: what over-optimising a reward changes;
+- each policy's KL to the SFT model along its own summaries (the exact KL of the two next-token
+  distributions at each summary token, summed over the summary): how far PPO or DPO moved from SFT.
+
+    python eval_summaries.py --policies best_sft.pt ppo_latest.pt dpo_latest.pt --posts 1000            # SFT, PPO, DPO
 
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge Qwen/Qwen2.5-7B-Instruct --posts 1000   # one GPU
     python eval_summaries.py --policies best_sft.pt ppo_latest.pt --judge meta-llama/Llama-3.1-8B-Instruct --judge-device cuda:1
@@ -233,6 +237,16 @@ def cached_summaries(name: str, path: Path, posts: list[tldr.Post], cache: dict,
     return [r["summary"] for r in rows], [bool(r["ended"]) for r in rows], sha, len(todo)
 
 
+@torch.no_grad()
+def kl_to_sft(path: Path, sft: Summarizer, posts: list[tldr.Post], texts: list[str], rt, batch_size: int) -> list[float]:
+    """KL(policy || SFT) along each of the policy's summaries (summaries.kl_to_reference: exact per token, summed
+    over the summary and its EOS), the prompt built by the policy's own template."""
+    policy = Summarizer.load(path, rt.device, POLICY_STAGES)
+    budget = policy.info["max_summary_tokens"]
+    pairs = [(policy.prompt(post, budget)[0], tldr.summary_tokens(text, budget)) for post, text in zip(posts, texts)]
+    return summaries.kl_to_reference(policy.model, sft.model, pairs, rt, batch_size)
+
+
 # -----------------------------------------------------------------------------
 # figures of one set of summaries
 
@@ -396,6 +410,14 @@ def main(cfg: Config) -> dict:
     print(f"summaries of {len(posts)} posts: {sum(generated.values())} generated, "
           f"{len(posts) * len(todo) - sum(generated.values())} from {cache_path}", flush=True)
 
+    # --- KL to the SFT model along each policy's own summaries
+    if sft_name:
+        sft_model = Summarizer.load(todo[sft_name], rt.device, POLICY_STAGES)
+        for name in todo:
+            if name != sft_name:
+                models[name]["kl_to_sft"] = _mean(kl_to_sft(todo[name], sft_model, posts, texts_of[name], rt, cfg.batch_size))
+        del sft_model
+
     # --- figures of the texts
     scorer = summaries.rouge_scorer()
     reference = {k: v for k, v in text_figures(posts, refs, refs, scorer).items() if not k.startswith("rouge")}
@@ -514,6 +536,8 @@ def format_table(record: dict) -> str:
         rows.append(("gold score: paired difference to SFT (standard error)", lambda c: _diff(record, c, "score")))
         rows.append(("missing details / wrong facts per summary",
                      lambda c: f"{num(get(c, 'gold_missing'), 2)} / {num(get(c, 'gold_wrong'), 2)}"))
+    if any("kl_to_sft" in record["models"][n] for n in names):
+        rows.append(("KL to SFT along its summaries (nats)", lambda c: num(get(c, "kl_to_sft"), 2)))
     rows += [("words per summary", lambda c: num(get(c, "words"), 1)),
              ("ended with EOS", lambda c: "" if c == "reference" else pct(get(c, "eos_rate"))),
              ("summary trigrams copied from the post", lambda c: pct(get(c, "copied_trigrams")))]

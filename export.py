@@ -119,7 +119,7 @@ def trained_on_generated_world(ckpt: dict) -> bool:
 def training_lines(ckpt: dict) -> list[str]:
     """How the checkpoint was trained, from the run's own config and metrics."""
     c, m, stage = ckpt.get("config") or {}, ckpt.get("metrics") or {}, ckpt["stage"]
-    c = {k: c.get(k, "(not recorded)") for k in ("sft", "rm", "kl_coef", "data", "init")}
+    c = {k: c.get(k, "(not recorded)") for k in ("sft", "rm", "kl_coef", "data", "init", "comparisons", "beta", "loss")}
     lines = []
     if stage == "ppo":
         lines.append(f"- PPO (Stiennon et al. 2020; the N+ implementation details of Huang et al. 2024) for "
@@ -128,6 +128,11 @@ def training_lines(ckpt: dict) -> list[str]:
                      f"{c['kl_coef']}), on the posts of `{c['data']}`.")
         lines.append("- The SFT model: supervised fine-tuning on the reference summaries (loss on summary tokens only); "
                      "the reward model: initialised from it, Bradley-Terry loss on preference comparisons of summaries.")
+    elif stage == "dpo":
+        lines.append(f"- DPO (Rafailov et al. 2023; loss `{c['loss']}`, beta {c['beta']}) for {ckpt.get('step', 0):,} "
+                     f"steps from the SFT model `{c['sft']}`, which stayed frozen as the reference, on the preference "
+                     f"comparisons of `{c['comparisons']}` - no reward model, no sampling during training.")
+        lines.append("- The SFT model: supervised fine-tuning on the reference summaries (loss on summary tokens only).")
     elif stage == "sft":
         lines.append(f"- Supervised fine-tuning from `{c['init']}` on the reference summaries of "
                      f"`{c['data']}` (loss on summary tokens only), {ckpt.get('step', 0):,} steps; the best "
@@ -154,7 +159,7 @@ def model_card(name: str, summarizer: Summarizer, entry: dict | None, record: di
     datasets = [d for d in (data,) if d.count("/") == 1 and not Path(d).exists()]
     # the project's own license (LICENSE, MIT); the weights add the terms of the data they were trained on
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "license: mit",
-             "tags: [gpt2, summarization, tldr, rlhf" + (", ppo" if ckpt["stage"] == "ppo" else "") + "]"]
+             "tags: [gpt2, summarization, tldr, rlhf" + (f", {ckpt['stage']}" if ckpt["stage"] in ("ppo", "dpo") else "") + "]"]
     if datasets:
         front.append("datasets: [" + ", ".join(datasets) + "]")
     lines = front + ["---", "", f"# {name}", "",

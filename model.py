@@ -338,9 +338,10 @@ class GPT(nn.Module):
     # --- optimizer and FLOPs ---------------------------------------------------------------------
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95),
-                             device_type: str = "cpu", eps: float = 1e-8):
-        """AdamW with decay on 2-D weights only (matmuls, embeddings), fused on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
+                             device_type: str = "cpu", eps: float = 1e-8, params: list | None = None):
+        """AdamW with decay on 2-D weights only (matmuls, embeddings), fused on CUDA; over `params` when given
+        (the parameters another optimizer does not take), else over every trainable parameter."""
+        params = [p for p in (self.parameters() if params is None else params) if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -476,6 +477,12 @@ def sampling_logprobs(logits: torch.Tensor, temperature=1.0, top_k=None, top_p=N
     elif top_p is not None and 0 < top_p < 1:
         logits = _top_p_filter(logits, top_p)
     return F.log_softmax(logits, dim=-1)
+
+
+def position_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p || ref) (...) of next-token distributions given as log-probs (..., V): exact, summed over the
+    vocabulary (no sampling estimate); a token p gives no mass contributes nothing, whatever ref says."""
+    return (logp.exp() * (logp - ref_logp).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)
 
 
 def _top_p_filter(logits: torch.Tensor, top_p) -> torch.Tensor:

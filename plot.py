@@ -1,6 +1,6 @@
 """Plots of a run from its JSONL logs (what every stage writes to runs/<run-name>/log.jsonl): training and
-validation loss per stage, HellaSwag over pretraining, reward and KL over PPO steps. PNG files, matplotlib
-without a display.
+validation loss per stage, HellaSwag over pretraining, reward and KL over PPO steps, DPO's implicit-reward
+accuracy, margin and KL. PNG files, matplotlib without a display.
 
     python plot.py --run-dir runs/small                      # after ./run.sh small: runs/small/*.png
     python plot.py --run-dir runs                            # stages run by hand: runs/pretrain, runs/sft, ...
@@ -8,7 +8,7 @@ without a display.
 
 Which plot a log joins is decided by what it holds, not by its name: a log with `loss` / `val_loss`
 gets a loss panel, one with HellaSwag scores a HellaSwag panel, one with `rm_score` / `kl` (PPO) a reward
-and a KL panel. Metrics a log lacks are skipped; a plot with nothing to show is not written. When a
+and a KL panel, one with `val_accuracy` / `val_margin` (DPO) dpo.png. Metrics a log lacks are skipped; a plot with nothing to show is not written. When a
 resumed run logged a step twice, the later record wins.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Config:
     out_dir: str = ""                                # where the PNGs go (default: --run-dir)
 
 
-STAGE_ORDER = ("pretrain", "sft", "reward_model", "ppo")
+STAGE_ORDER = ("pretrain", "sft", "reward_model", "ppo", "dpo")
 HELLASWAG_KEYS = {"hellaswag_acc_norm": "completion acc_norm", "hellaswag_harness_acc_norm": "harness acc_norm"}
 
 
@@ -165,10 +165,31 @@ def plot_ppo(logs: dict[str, list[dict]], path: Path) -> Path | None:
     return _save(plt, fig, path)
 
 
+def plot_dpo(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    """DPO's evaluations: implicit-reward accuracy and margin on the validation pairs, and the KL to the
+    reference (and the gold score) of greedy summaries of held-out posts."""
+    runs = {name: r for name, r in logs.items() if series(r, "val_accuracy") and series(r, "val_margin")}
+    if not runs:
+        return None
+    plt, fig, axes = _figure(3)
+    for name, r in runs.items():
+        p = f"{name}: " if len(runs) > 1 else ""
+        axes[0].plot(*zip(*series(r, "val_accuracy")), "o-", ms=4, label=p + "implicit-reward accuracy")
+        axes[1].plot(*zip(*series(r, "val_margin")), "o-", ms=4, label=p + "chosen - rejected reward")
+        for key, label in (("kl_to_ref", "KL to SFT (nats per summary)"), ("gold_score", "gold score")):
+            if series(r, key):
+                axes[2].plot(*zip(*series(r, key)), "o-", ms=4, label=p + label)
+    axes[0].axhline(0.5, color="gray", ls="--", lw=1, label="chance")
+    titles = ("validation pairs: accuracy", "validation pairs: reward margin", "greedy summaries of held-out posts")
+    for ax, title in zip(axes, titles):
+        _label(ax, title, "DPO step", None, title_size=10, legend_size=7)
+    return _save(plt, fig, path)
+
+
 def plot_all(logs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     made = [plot_losses(logs, out_dir / "loss.png"), plot_hellaswag(logs, out_dir / "hellaswag.png"),
-            plot_ppo(logs, out_dir / "ppo.png")]
+            plot_ppo(logs, out_dir / "ppo.png"), plot_dpo(logs, out_dir / "dpo.png")]
     return [p for p in made if p is not None]
 
 

@@ -40,7 +40,7 @@ import tldr
 from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, model_state_dict,
                          prompt_info, resolve_ckpt, rng_state, same_weights, save_checkpoint)
 from common import UserError, all_reduce_sum, check_flags, cli_main, print0
-from model import EOS_ID, GPT, PAD_ID, ScoreModel, last_real_index, left_pad, sampling_logprobs
+from model import EOS_ID, GPT, PAD_ID, ScoreModel, last_real_index, left_pad, position_kl, sampling_logprobs
 from rollouts import (Rollout, Task, TokenActions, chunks, masked, response_logits, response_texts, token_logprobs,
                       unflatten)
 from training import (RunFlags, init_runtime, micro_steps, prepare_for_training, restore_training_state, set_lr,
@@ -352,8 +352,7 @@ def path_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, 
     """KL(policy || reference) of the full next-token distributions along given responses, summed over
     each response: (B,) from (K, V) logits at its real tokens. Exact per position (no sampling estimate),
     at the rollout temperature."""
-    logp, ref_logp = sampling_logprobs(logits, temperature), sampling_logprobs(ref_logits, temperature)
-    kl = (logp.exp() * (logp - ref_logp).nan_to_num(0.0, posinf=0.0, neginf=0.0)).sum(-1)   # (K,)
+    kl = position_kl(sampling_logprobs(logits, temperature), sampling_logprobs(ref_logits, temperature))   # (K,)
     return unflatten(kl, mask).sum(1)
 
 

@@ -36,8 +36,9 @@ import hellaswag
 from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
 from common import UserError, all_reduce_sum, check_flags, cli_main, first_line, get_tokenizer, mfu, print0
 from model import EOS_ID, GPT, MODEL_PRESETS, TOKENIZER_VOCAB, model_config
-from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
-                      restore_training_state, start_run, step_seconds, update_step, use_compile)
+from training import (OPTIMIZERS, RunFlags, begin_step, build_optimizer, grad_accum_steps, init_runtime, lr_at,
+                      micro_steps, muon_momentum_at, prepare_for_training, start_position, start_run,
+                      step_seconds, update_step, use_compile)
 
 STAGE = "pretrain"
 
@@ -59,6 +60,12 @@ class Config(RunFlags):
     weight_decay: float = 0.1             # AdamW weight decay on matmul and embedding weights
     beta1: float = 0.9                    # AdamW beta1
     beta2: float = 0.95                   # AdamW beta2
+    optimizer: str = "adamw"              # adamw: AdamW on everything (the GPT-2 recipe) | muon: torch.optim.Muon on the blocks' 2-D matrices (attention qkv and projection, MLP in and out) and AdamW (--max-lr, --weight-decay, --beta1/2) on the rest (embeddings, the tied head, LayerNorm gains, biases)
+    muon_lr: float = 0.02                 # Muon's peak learning rate; the warmup + cosine of --max-lr scales it alike
+    muon_momentum: float = 0.95           # Muon's Nesterov momentum after its warmup
+    muon_momentum_start: float = 0.85     # Muon's momentum at step 0, raised linearly to --muon-momentum
+    muon_momentum_warmup: int = 300       # steps over which Muon's momentum rises (0: --muon-momentum from the start)
+    muon_weight_decay: float = 0.01       # Muon's decoupled weight decay (each step multiplies its matrices by 1 - lr x this)
     eval_every: int = 250                 # steps between evaluations: val loss, HellaSwag, samples (0: at the end only)
     val_tokens: int = 10_485_760          # validation tokens per evaluation, the same for any number of ranks
     hellaswag_path: str = "data/hellaswag/hellaswag_val.jsonl"  # HellaSwag rows evaluated when the file exists
@@ -76,12 +83,13 @@ class Config(RunFlags):
 PRESETS = {
     "tiny": dict(model="tiny", block_size=64, seq_len=32, total_batch_tokens=256, micro_batch=4, max_steps=30,
                  warmup_steps=3, max_lr=3e-3, min_lr=3e-4, eval_every=10, val_tokens=1024, hellaswag_limit=20,
-                 num_samples=1, sample_tokens=8, save_every=0),
+                 num_samples=1, sample_tokens=8, save_every=0, muon_momentum_warmup=10),
     # small batches learn the most per token at this size (CPU time is the budget); block 256 leaves room
     # for the SFT prompts of the small TL;DR preset
     "small": dict(model="small", block_size=256, seq_len=128, total_batch_tokens=512, micro_batch=4, max_steps=700,
                   warmup_steps=10, max_lr=2e-3, min_lr=2e-4, eval_every=100, val_tokens=8192, hellaswag_limit=300,
-                  num_samples=2, sample_tokens=24, sample_prompt="My roommate keeps", save_every=100),
+                  num_samples=2, sample_tokens=24, sample_prompt="My roommate keeps", save_every=100,
+                  muon_momentum_warmup=50),
     "gpt2": {},
 }
 
@@ -242,9 +250,15 @@ def sample(model, prompt: str, num: int, max_new_tokens: int, rt, seed: int) -> 
 def check_config(cfg: Config):
     if cfg.model not in MODEL_PRESETS:
         raise UserError(f"unknown --model {cfg.model!r}; choose from {', '.join(MODEL_PRESETS)}")
-    check_flags(cfg, positive=("seq_len", "micro_batch", "max_steps", "max_lr", "block_size"),
+    check_flags(cfg, positive=("seq_len", "micro_batch", "max_steps", "max_lr", "block_size", "muon_lr"),
                 non_negative=("warmup_steps", "min_lr", "eval_every", "save_every", "val_tokens", "stop_at",
-                              "grad_clip", "hellaswag_limit", "num_samples", "sample_tokens"))
+                              "grad_clip", "hellaswag_limit", "num_samples", "sample_tokens", "muon_weight_decay",
+                              "muon_momentum_warmup"))
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown --optimizer {cfg.optimizer!r}; choose {' or '.join(OPTIMIZERS)}")
+    for flag in ("muon_momentum", "muon_momentum_start"):
+        if not 0 <= getattr(cfg, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(cfg, flag)}")
     if cfg.resume and cfg.init_from:
         raise UserError("give --resume or --init-from, not both")
 
@@ -256,10 +270,21 @@ def load_model(cfg: Config, ckpt_path) -> tuple[GPT, dict | None]:
         ckpt = load_checkpoint(ckpt_path, STAGE)
         if not {"optimizer", "data_state", "rng"} <= set(ckpt):
             raise UserError(f"{ckpt_path} holds no training state (optimizer, data position, RNG), so it cannot be resumed")
+        trained_with = ckpt.get("config", {}).get("optimizer", "adamw")
+        if trained_with != cfg.optimizer:
+            raise UserError(f"{ckpt_path} was trained with --optimizer {trained_with}: resume it with the same optimizer")
         return build_from_checkpoint(ckpt, GPT, where=ckpt_path), ckpt
     if cfg.init_from:
         return load_lm(cfg.init_from, cfg.ckpt_dir, flag="--init-from")[0], None
     return GPT(model_config(cfg.model, block_size=cfg.block_size)), None
+
+
+def muon_schedule(optimizer, cfg: Config, step: int, lr: float) -> dict:
+    """Set Muon's momentum for this step (its warmup); the log fields of Muon's rate and momentum (the
+    schedule's `lr` is AdamW's; Muon's is the same curve scaled to --muon-lr)."""
+    momentum = muon_momentum_at(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
+    optimizer.set_momentum(momentum)
+    return {"muon_lr": lr * cfg.muon_lr / cfg.max_lr, "muon_momentum": momentum}
 
 
 def train_step(model, loader: ShardLoader, scaler, rt, accum: int) -> float:
@@ -306,12 +331,10 @@ def main(cfg: Config) -> dict:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's block size {model.config.block_size}")
     model.to(rt.device)
     raw = model  # evaluation and sampling always run the plain module, never the compiled/DDP one
-    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.max_lr, (cfg.beta1, cfg.beta2), rt.device_type)
+    optimizer = build_optimizer(raw, cfg.optimizer, cfg.max_lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                rt.device_type, cfg.muon_lr, cfg.muon_momentum, cfg.muon_weight_decay)
     scaler = rt.grad_scaler()
-    start_step, metrics = 0, {"skipped_steps": 0}
-    if ckpt is not None:
-        restore_training_state(ckpt, optimizer, scaler, loader)
-        start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
+    start_step, metrics = start_position(ckpt, optimizer, scaler, loader, {"skipped_steps": 0})
     model = prepare_for_training(model, rt, use_compile(cfg, rt))
 
     # --- schedule
@@ -345,7 +368,8 @@ def main(cfg: Config) -> dict:
         t0 = begin_step(model, optimizer)
         train_loss = train_step(model, loader, scaler, rt, accum)
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        record = update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics)
+        muon_record = muon_schedule(optimizer, cfg, step, lr) if cfg.optimizer == "muon" else {}
+        record = {**update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics), **muon_record}
         dt = step_seconds(rt, t0)
         record.update(dt_ms=dt * 1000, tok_per_s=cfg.total_batch_tokens / dt)
         if peak:

@@ -9,7 +9,8 @@ the reward model against the gold score, the example post). It loads no model an
 run.sh calls it last. It prints the table, after the definitions of its terms (before / after, HellaSwag's
 completion and harness styles, the gold score, win rates and who judges them), and the example post, the
 one eval_summaries.py --example picked by position (default 0: the first evaluated post, not chosen for
-its summaries), and writes RUN_DIR/report.md and RUN_DIR/report.json (every figure by name; null where a
+its summaries), a PPO vs DPO section (SFT, PPO and DPO side by side on the same posts, when the evaluation
+stage evaluated a DPO policy), and writes RUN_DIR/report.md and RUN_DIR/report.json (every figure by name; null where a
 stage did not record it). A stage that has not run yet leaves its rows at
 n/a rather than failing, so the report also works on a run in progress.
 """
@@ -34,7 +35,7 @@ class Config:
     out: str = ""                         # report markdown (default RUN_DIR/report.md; report.json beside it)
 
 
-STAGES = ("pretrain", "sft", "reward_model", "ppo")
+STAGES = ("pretrain", "sft", "reward_model", "ppo", "dpo")
 
 
 # -----------------------------------------------------------------------------
@@ -74,13 +75,14 @@ def eval_figures(record: dict) -> tuple[dict, dict | None]:
     models = record.get("models") or {}
     sft_name = record.get("sft")
     ppo_name = next((n for n, m in models.items() if m.get("stage") == "ppo"), None)
+    dpo_name = next((n for n, m in models.items() if m.get("stage") == "dpo"), None)
     f: dict = {"eval_posts": record.get("posts")}
     f.update(record.get("reward_model_vs_gold") or {})
-    for who, name in (("sft", sft_name), ("ppo", ppo_name)):
+    for who, name in (("sft", sft_name), ("ppo", ppo_name), ("dpo", dpo_name)):
         m = models.get(name) if name else None
         if not m:
             continue
-        for key in ("rouge1", "rouge2", "rougeL", "words", "eos_rate", "copied_trigrams"):
+        for key in ("rouge1", "rouge2", "rougeL", "words", "eos_rate", "copied_trigrams", "kl_to_sft", "reward"):
             if m.get(key) is not None:  # no trigram share where every summary is under 3 words
                 f[f"eval_{key}_{who}"] = m[key]
         if record.get("gold"):
@@ -93,6 +95,8 @@ def eval_figures(record: dict) -> tuple[dict, dict | None]:
                 f[key + "_n"] = w["n"]
         if who == "ppo" and "vs_sft" in m:
             f["test_gold_diff"], f["test_gold_se"] = m["vs_sft"]["score"]["diff"], m["vs_sft"]["score"]["se"]
+        if who == "dpo" and "vs_sft" in m:
+            f["test_gold_diff_dpo"], f["test_gold_se_dpo"] = m["vs_sft"]["score"]["diff"], m["vs_sft"]["score"]["se"]
     if record.get("gold"):
         f["test_gold_posts"] = record.get("posts")
     ex = record.get("example")
@@ -105,7 +109,7 @@ def eval_figures(record: dict) -> tuple[dict, dict | None]:
     meta = {k: record.get(k) for k in ("data", "split", "judge", "sft")}
     # which evaluated post the example is (eval_summaries.py --example, default 0: the first), for its label
     meta["example_index"] = ex.get("index") if ex else None
-    return f, example, {**meta, "ppo": ppo_name}
+    return f, example, {**meta, "ppo": ppo_name, "dpo": dpo_name}
 
 
 # -----------------------------------------------------------------------------
@@ -165,6 +169,14 @@ def collect(cfg: Config) -> dict:
     f["ppo_train_kl_first"], f["ppo_train_kl_last"] = first_last(ppo, "kl", "train")
     f["ppo_steps"] = max((r["step"] for r in ppo if "step" in r), default=None)
     f["ppo_eval_prompts"] = _run_config(run / "ppo").get("eval_prompts")
+
+    # DPO: the step-0 evaluation is the SFT policy itself (implicit rewards 0, accuracy 50%)
+    dpo = logs["dpo"]
+    f["dpo_val_accuracy_first"], f["dpo_val_accuracy_last"] = first_last(dpo, "val_accuracy")
+    f["dpo_val_margin_first"], f["dpo_val_margin_last"] = first_last(dpo, "val_margin")
+    f["dpo_kl_first"], f["dpo_kl_last"] = first_last(dpo, "kl_to_ref")
+    f["dpo_gold_first"], f["dpo_gold_last"] = first_last(dpo, "gold_score")
+    f["dpo_steps"] = max((r["step"] for r in dpo if "step" in r), default=None)
 
     # the evaluation stage: ROUGE, win rates, the gold score on the same test posts, the example
     eval_path = Path(cfg.eval) if cfg.eval else run / "eval" / "eval.json"
@@ -277,6 +289,47 @@ def eval_rows(f: dict, evaluated: dict | None) -> list[tuple[str, str, str, str]
     return rows
 
 
+def policy_comparison(f: dict, evaluated: dict | None) -> list[str]:
+    """Markdown lines of the PPO vs DPO section: SFT, PPO and DPO side by side on the evaluation stage's posts,
+    plus DPO's own log. Nothing when no DPO policy was evaluated."""
+    g = f.get
+    if evaluated is None or not evaluated.get("dpo") or g("eval_posts") is None:
+        return []
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    cols = ("sft", "ppo", "dpo")
+    row = lambda label, cell: f"| {label} | " + " | ".join(cell(who) for who in cols) + " |"
+    lines = ["", f"## PPO vs DPO ({_fmt(g('eval_posts'))} {evaluated['split']} posts, greedy summaries, eval_summaries.py)",
+             "", "Both start from the SFT model and learn from the same comparisons: PPO through the reward model "
+             "trained on them, DPO directly.", "", "| figure | SFT | PPO | DPO |", "|---|---|---|---|"]
+    if g("test_gold_sft") is not None:
+        lines.append(row("gold score", lambda w: _fmt(g(f"test_gold_{w}"))))
+        diff = {"ppo": ("test_gold_diff", "test_gold_se"), "dpo": ("test_gold_diff_dpo", "test_gold_se_dpo")}
+        lines.append(row("gold score: paired difference to SFT (standard error)", lambda w: "" if w == "sft" else
+                         f"{_signed(g(diff[w][0]))} ({_fmt(g(diff[w][1]))})"))
+        lines.append(row("win rate over SFT, by the gold score (oracle)", lambda w: "" if w == "sft" else
+                         _win(f, f"eval_win_gold_sft_{w}")))
+        lines.append(row("win rate against the references, by the gold score", lambda w: _win(f, f"eval_win_gold_reference_{w}")))
+    if g("eval_reward_sft") is not None:
+        lines.append(row("reward-model score", lambda w: _fmt(g(f"eval_reward_{w}"))))
+        lines.append(row("win rate over SFT, by the reward model", lambda w: "" if w == "sft" else
+                         _win(f, f"eval_win_reward_model_sft_{w}")))
+        lines.append(row("win rate against the references, by the reward model",
+                         lambda w: _win(f, f"eval_win_reward_model_reference_{w}")))
+    if g("eval_win_judge_sft_ppo") is not None:
+        lines.append(row(f"win rate over SFT, by the judge {evaluated['judge']}", lambda w: "" if w == "sft" else
+                         _win(f, f"eval_win_judge_sft_{w}")))
+    lines += [row("KL to SFT along its summaries (nats)", lambda w: "" if w == "sft" else _fmt(g(f"eval_kl_to_sft_{w}"), 2)),
+              row("ROUGE-1 / 2 / L", lambda w: " / ".join(_fmt(g(f"eval_{k}_{w}"), 3) for k in ("rouge1", "rouge2", "rougeL"))),
+              row("words per summary / trigrams copied from the post",
+                  lambda w: f"{_fmt(g(f'eval_words_{w}'), 1)} / {pct(g(f'eval_copied_trigrams_{w}'))}"),
+              "", f"DPO's own log (dpo.py, step 0 → {_fmt(g('dpo_steps'))}): validation implicit-reward accuracy "
+              f"{pct(g('dpo_val_accuracy_first'))} → {pct(g('dpo_val_accuracy_last'))}, margin "
+              f"{_fmt(g('dpo_val_margin_first'), 3)} → {_fmt(g('dpo_val_margin_last'), 3)}, KL to SFT on held-out posts "
+              f"{_fmt(g('dpo_kl_first'), 3)} → {_fmt(g('dpo_kl_last'), 3)}, their gold score "
+              f"{_fmt(g('dpo_gold_first'), 3)} → {_fmt(g('dpo_gold_last'), 3)}."]
+    return lines
+
+
 def _win(f: dict, key: str) -> str:
     if f.get(key) is None:
         return "n/a"
@@ -351,6 +404,7 @@ def format_report(report: dict, title: str = "Pipeline report") -> str:
         lines += ["", "| stage | seconds |", "|---|---|"]
         lines += [f"| {stage} | {sec:.0f} |" for stage, sec in times.items()]
         lines += [f"| total | {sum(times.values()):.0f} |"]
+    lines += policy_comparison(report["figures"], report.get("eval"))
     return "\n".join(lines) + "\n"
 
 

@@ -94,20 +94,7 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # data: comparisons → token triples → packed rows (prompt once, then chosen, then rejected)
 
-Triple = tuple[list[int], list[int], list[int]]  # prompt, chosen summary, rejected summary (tokens)
-
-
-def encode_comparisons(comparisons: list[tldr.Comparison], info: dict) -> list[Triple]:
-    """Tokens through tldr.py's template and truncation: the prompt the policy sees, the summary as
-    ` {summary}<|endoftext|>`, both cut to the budgets in `info` (tldr.template_info)."""
-    cache: dict[tldr.Post, list[int]] = {}  # a post is usually compared many times
-    out = []
-    for c in comparisons:
-        if c.post not in cache:
-            cache[c.post] = tldr.prompt_tokens(c.post, info["max_prompt_tokens"], info["template"])[0]
-        out.append((cache[c.post], tldr.summary_tokens(c.chosen, info["max_summary_tokens"]),
-                    tldr.summary_tokens(c.rejected, info["max_summary_tokens"])))
-    return out
+Triple = tldr.Triple
 
 
 def pair_stats(comparisons: list[tldr.Comparison]) -> dict:
@@ -285,11 +272,11 @@ def load_data(cfg: Config, info: dict, rt) -> RewardData:
     if cfg.val_pairs and len(valid) > cfg.val_pairs:
         g = torch.Generator().manual_seed(cfg.seed)
         valid = [valid[i] for i in sorted(torch.randperm(len(valid), generator=g)[:cfg.val_pairs].tolist())]
-    train_triples = encode_comparisons(train, info)
+    train_triples = tldr.encode_comparisons(train, info)
     refs = tldr.load_sft(cfg.sft_data, "valid")[:cfg.norm_rows or None]
     ref_seqs = [p + s for p, s in tldr.encode_sft(refs, info["max_prompt_tokens"], info["max_summary_tokens"],
                                                   info["template"])]
-    return RewardData(train_triples, encode_comparisons(valid, info), ref_seqs,
+    return RewardData(train_triples, tldr.encode_comparisons(valid, info), ref_seqs,
                       tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size))
 
 

@@ -4,7 +4,7 @@
 #   generated data (synthetic.py) or FineWeb-Edu ─ fineweb.py ─> token shards
 #     ─ pretrain.py ─> pretrain.pt ─ hellaswag.py ─> pretrain_hellaswag_val.json
 #     ─ sft.py ─> best_sft.pt [─ sample_comparisons.py: small only] ─ reward_model.py ─> reward_model.pt
-#     ─ ppo.py ─> ppo_latest.pt ─ eval_summaries.py ─> runs/<name>/eval/eval.json ─ summarize.py
+#     ─ ppo.py ─> ppo_latest.pt ─ dpo.py ─> dpo_latest.pt ─ eval_summaries.py ─> runs/<name>/eval/eval.json ─ summarize.py
 #   then report.py (runs/<name>/report.md, report.json) and plot.py (runs/<name>/*.png)
 #
 #   ./run.sh small                 # the CPU demo on the generated world (what `make demo` runs)
@@ -19,12 +19,12 @@
 # checkpoints/<name>/ and runs/<name>/ (<name> defaults to the preset). A stage that finished before is
 # skipped; one that was interrupted continues from its last checkpoint (--resume), so rerunning the same
 # command after a crash or Ctrl-C picks up where it stopped. Each stage starts (or is skipped) with a line
-# "== stage i/N: NAME", N being the number of stages the preset runs (tiny 10, small 11, gpt2 10). Data preparation is never redone (it is
+# "== stage i/N: NAME", N being the number of stages the preset runs (tiny 11, small 12, gpt2 11). Data preparation is never redone (it is
 # deterministic and resumes itself); delete data/ to redo it.
 #
 # Environment: PYTHON (default .venv/bin/python beside this script, else python3), NPROC (gpt2: processes
 # per node, default: the number of visible GPUs), and extra flags per stage appended last, so they win:
-# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, COMPARISONS_ARGS, RM_ARGS, PPO_ARGS, EVAL_ARGS.
+# FINEWEB_ARGS, PRETRAIN_ARGS, HELLASWAG_ARGS, SFT_ARGS, COMPARISONS_ARGS, RM_ARGS, PPO_ARGS, DPO_ARGS, EVAL_ARGS.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -91,9 +91,9 @@ args() { read -r -a _extra <<< "${1:-}"; }  # word-split one *_ARGS variable int
 # --- stage bookkeeping
 # the stages this preset runs, in order: each says "== stage i/N: NAME" when it starts or is skipped
 case "$PRESET" in
-  tiny)  STAGES=(synthetic fineweb pretrain hellaswag sft reward_model ppo eval summarize report) ;;
-  small) STAGES=(synthetic fineweb pretrain hellaswag sft comparisons reward_model ppo eval summarize report) ;;
-  gpt2)  STAGES=(fineweb hellaswag_gpt2 pretrain hellaswag sft reward_model ppo eval summarize report) ;;
+  tiny)  STAGES=(synthetic fineweb pretrain hellaswag sft reward_model ppo dpo eval summarize report) ;;
+  small) STAGES=(synthetic fineweb pretrain hellaswag sft comparisons reward_model ppo dpo eval summarize report) ;;
+  gpt2)  STAGES=(fineweb hellaswag_gpt2 pretrain hellaswag sft reward_model ppo dpo eval summarize report) ;;
 esac
 announce() {  # announce STAGE: its place among this preset's STAGES
   local i
@@ -241,8 +241,22 @@ if ! finished ppo "$CKPT/ppo_latest.pt"; then
     --ckpt-dir "$CKPT" --run-name "$NAME/ppo" "${RESUME[@]}" "${_extra[@]}"
 fi
 
-# --- evaluation: greedy summaries of the test posts by SFT and PPO (cached), ROUGE, win rates by the reward
-# model (and the gold score on the generated world; a judge LM with EVAL_ARGS="--judge NAME")
+# --- DPO: the SFT model aligned directly on the reward model's comparisons (no reward model, no rollouts),
+# compared with PPO by the evaluation stage
+announce dpo
+if ! finished dpo "$CKPT/dpo_latest.pt"; then
+  resume_or_fresh dpo "$CKPT/dpo_latest.pt"
+  args "${DPO_ARGS:-}"
+  case "$PRESET" in
+    tiny|small) FLAGS=(--preset "$PRESET" --comparisons "$COMPARISONS" --gold on) ;;
+    gpt2)  FLAGS=(--preset gpt2) ;;
+  esac
+  run_stage dpo launch "$ROOT/dpo.py" "${FLAGS[@]}" --sft best_sft.pt --ckpt-dir "$CKPT" --run-name "$NAME/dpo" \
+    "${RESUME[@]}" "${_extra[@]}"
+fi
+
+# --- evaluation: greedy summaries of the test posts by SFT, PPO and DPO (cached), ROUGE, win rates by the reward
+# model, KL to SFT (and the gold score on the generated world; a judge LM with EVAL_ARGS="--judge NAME")
 announce eval
 if ! finished eval "$RUN/eval/eval.json"; then
   args "${EVAL_ARGS:-}"
@@ -250,7 +264,7 @@ if ! finished eval "$RUN/eval/eval.json"; then
     tiny|small) FLAGS=(--data "$SYN/tldr" --posts 400 --comparisons "$SYN/comparisons") ;;
     gpt2)       FLAGS=(--posts 1000) ;;
   esac
-  run_stage eval py "$ROOT/eval_summaries.py" "${FLAGS[@]}" --policies best_sft.pt ppo_latest.pt --sft best_sft.pt \
+  run_stage eval py "$ROOT/eval_summaries.py" "${FLAGS[@]}" --policies best_sft.pt ppo_latest.pt dpo_latest.pt --sft best_sft.pt \
     --rm reward_model.pt --ckpt-dir "$CKPT" --out-dir "$RUN/eval" "${_extra[@]}"
 fi
 

@@ -1,6 +1,6 @@
 """Serve the summarizer: a web page, a JSON + Server-Sent-Events API and an OpenAI-compatible endpoint.
 
-    python serve.py --ckpt-dir checkpoints/small                 # ppo_latest.pt and best_sft.pt of the folder
+    python serve.py --ckpt-dir checkpoints/small                 # ppo_latest.pt, dpo_latest.pt and best_sft.pt of the folder
     python serve.py --ckpt checkpoints/gpt2/ppo_latest.pt --ckpt checkpoints/gpt2/best_sft.pt --port 8080
     python serve.py --ckpt-dir checkpoints/small --max-batch 1   # one request at a time (no batching)
 
@@ -40,13 +40,13 @@ from common import UserError, cli_main, compute_init
 from serving.app import create_app
 from serving.engine import Engine
 from serving.native import load_examples
-from summaries import DEFAULT_CKPT, FALLBACK_CKPT, Summarizer, summarizer_dir
+from summaries import DEFAULT_CKPT, DPO_CKPT, FALLBACK_CKPT, Summarizer, summarizer_dir
 
 
 @dataclass
 class Config:
     ckpt_dir: str = "checkpoints"         # where bare checkpoint names resolve, and the default models' folder
-    ckpt: list[str] = field(default_factory=list)  # checkpoints to serve (ppo or sft); none: ppo_latest.pt and best_sft.pt of --ckpt-dir
+    ckpt: list[str] = field(default_factory=list)  # checkpoints to serve (ppo, dpo or sft); none: ppo_latest.pt, dpo_latest.pt and best_sft.pt of --ckpt-dir
     host: str = "127.0.0.1"               # interface to listen on (0.0.0.0: every interface)
     allowed_hosts: list[str] = field(default_factory=list)  # Host names served (*: any, *.example.com: its subdomains); none: loopback names when --host is loopback, else any
     port: int = 8000                      # TCP port
@@ -72,10 +72,10 @@ def model_names(paths: list[Path]) -> list[str]:
 
 
 def checkpoint_paths(cfg: Config) -> list[Path]:
-    """--ckpt as given (each must exist), or the folder's PPO and SFT checkpoints (those that exist)."""
+    """--ckpt as given (each must exist), or the folder's PPO, DPO and SFT checkpoints (those that exist)."""
     if cfg.ckpt:
         return [resolve_ckpt(c, cfg.ckpt_dir) for c in cfg.ckpt]
-    found = [resolve_ckpt(n, cfg.ckpt_dir) for n in (DEFAULT_CKPT, FALLBACK_CKPT)]
+    found = [resolve_ckpt(n, cfg.ckpt_dir) for n in (DEFAULT_CKPT, DPO_CKPT, FALLBACK_CKPT)]
     found = [p for p in found if p.is_file()]
     if not found:
         raise UserError(f"nothing to serve: neither {resolve_ckpt(DEFAULT_CKPT, cfg.ckpt_dir)} nor "

@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 import summaries
 import tldr
-from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt
 from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0
 from model import GPT
-from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
-                      restore_training_state, start_run, step_seconds, update_step, use_compile)
+from training import (RunFlags, begin_step, checkpoint_writer, grad_accum_steps, init_runtime, lr_at, micro_steps,
+                      prepare_for_training, start_position, start_run, step_seconds, update_step, use_compile)
 
 STAGE = "sft"
 INIT_STAGES = ("pretrain", "sft")
@@ -210,10 +210,7 @@ def main(cfg: Config) -> dict:
 
     # --- schedule
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train_pairs) / cfg.batch_size))
-    start_step, metrics = 0, {"best_val_loss": float("inf"), "skipped_steps": 0}
-    if ckpt is not None:
-        restore_training_state(ckpt, optimizer, scaler, data.sampler)
-        start_step, metrics = ckpt["step"], {**metrics, **ckpt["metrics"]}
+    start_step, metrics = start_position(ckpt, optimizer, scaler, data.sampler, {"best_val_loss": float("inf"), "skipped_steps": 0})
     model = prepare_for_training(model, rt, use_compile(cfg, rt))
     peak = rt.peak_tflops()
     info = tldr.template_info(tldr.TEMPLATE, cfg.max_prompt_tokens, cfg.max_summary_tokens)
@@ -226,25 +223,13 @@ def main(cfg: Config) -> dict:
     if run.nothing_to_do:
         return metrics
 
-    def save(path, step, with_state: bool):
-        state = dict(optimizer=optimizer, scaler=scaler, data_state=data.sampler.state_dict(), rng=rng_state()) \
-            if with_state else {}
-        save_checkpoint(path, stage=STAGE, model=raw, step=step, config=cfg, metrics=metrics, tldr=info, **state)
+    save = checkpoint_writer(STAGE, raw, cfg, metrics, optimizer, scaler, data.sampler, tldr=info)
 
     def evaluate_and_save(step: int):
         record = {"val_loss": val_loss(raw, data.val_pairs, rt, cfg.eval_batch, rt.master)}
         if rt.master and shown:
             record.update(sample_scores(raw, shown, cfg, rt, info, scorer, run.logger, step))
-        improved = record["val_loss"] < metrics["best_val_loss"]
-        metrics.update(record)
-        if improved:
-            metrics.update(best_val_loss=record["val_loss"], best_step=step)
-        run.logger.log({**record, "best_val_loss": metrics["best_val_loss"]}, step, kind="eval")
-        if rt.master:
-            if improved:
-                save(best_path, step, with_state=False)
-                print0(f"saved {best_path} (step {step}, val loss {record['val_loss']:.4f})")
-            save(latest_path, step, with_state=True)
+        run.keep_best(record, step, metrics, save, best_path, latest_path, rt.master)
 
     # --- loop
     if start_step == 0:
@@ -264,12 +249,7 @@ def main(cfg: Config) -> dict:
         run.log_step(record, step, scaler, metrics)
         metrics["train_loss"] = train_loss
 
-        done = step + 1
-        if run.is_due(done, cfg.eval_every):
-            evaluate_and_save(done)
-        elif run.is_last(done) and rt.master:  # --stop-at between evaluations: only what --resume needs
-            save(latest_path, done, with_state=True)
-            run.saved(latest_path, done)
+        run.end_step(step + 1, cfg.eval_every, evaluate_and_save, save, latest_path, rt.master)
     return run.finish(metrics)
 
 

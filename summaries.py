@@ -15,16 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import synthetic
 import tldr
 from checkpoints import build_from_checkpoint, load_checkpoint, prompt_info, resolve_ckpt
 from common import UserError, get_tokenizer
-from model import EOS_ID, GPT, PAD_ID, ScoreModel, left_pad, right_pad
+from model import EOS_ID, GPT, PAD_ID, ScoreModel, left_pad, position_kl, right_pad
 
-SUMMARIZER_STAGES = ("ppo", "sft")
+SUMMARIZER_STAGES = ("ppo", "dpo", "sft")
 DEFAULT_CKPT, FALLBACK_CKPT = "ppo_latest.pt", "best_sft.pt"   # the PPO policy, else the SFT model
+DPO_CKPT = "dpo_latest.pt"   # the DPO policy, served beside the PPO and SFT models when it exists
 METADATA_SKIPPED = ("model", "optimizer", "scaler", "rng", "data_state", "value_model")  # tensors a summarizer does not keep
 
 
@@ -120,6 +122,43 @@ def generate_summaries_and_ends(model, posts: list[tldr.Post | str], rt=None, ba
     finally:
         model.train(was_training)
     return out, ended
+
+
+# -----------------------------------------------------------------------------
+# log-probabilities of given summaries
+
+def summary_logits(model: GPT, pairs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (N, V) at the N positions that predict summary tokens, those tokens (N,), the row of each (N,))
+    of (prompt, summary) token pairs, right-padded in one batch; the vocabulary projection runs at those
+    positions only."""
+    idx, targets, mask = (t.to(device) for t in tldr.sft_batch(pairs))
+    logits, _ = model(idx, targets, mask, logits_at="targets")                    # (N, V)
+    keep = targets != -1
+    return logits, targets[keep], keep.nonzero()[:, 0]
+
+
+def summary_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]], device) -> torch.Tensor:
+    """Summed log-probability (B,) of each summary (its EOS included) after its prompt: log pi(y | x), the
+    sequence log-likelihood DPO compares (prompt and padding contribute nothing)."""
+    logits, tokens, rows = summary_logits(model, pairs, device)
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)    # (N,)
+    return torch.zeros(len(pairs), device=logp.device).index_add(0, rows, logp)
+
+
+@torch.no_grad()
+def kl_to_reference(model: GPT, ref: GPT, pairs: list[tuple[list[int], list[int]]], rt, batch_size: int = 16) -> list[float]:
+    """KL(model || ref) along each summary: the exact KL of the two next-token distributions at every summary
+    position (model.position_kl), summed over the summary - how far a fine-tuned policy has moved from its
+    reference on the text it writes. Temperature 1, the distributions the models define."""
+    out = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        with rt.autocast():
+            logits, _, rows = summary_logits(model, chunk, rt.device)
+            ref_logits, _, _ = summary_logits(ref, chunk, rt.device)
+        kl = position_kl(F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1))   # (N,)
+        out += torch.zeros(len(chunk), device=kl.device, dtype=kl.dtype).index_add(0, rows, kl).tolist()
+    return out
 
 
 # -----------------------------------------------------------------------------

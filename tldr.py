@@ -378,6 +378,23 @@ def encode_sft(examples: list[SFTExample], max_prompt_tokens: int = MAX_PROMPT_T
             for e in tqdm(examples, desc="tokenizing", unit="ex", leave=False, disable=not progress)]
 
 
+Triple = tuple[list[int], list[int], list[int]]  # prompt, chosen summary, rejected summary (tokens)
+
+
+def encode_comparisons(comparisons: list[Comparison], info: dict) -> list[Triple]:
+    """Tokens of preference pairs through the template and truncation in `info` (template_info): the prompt
+    the policy sees, each summary as ` {summary}<|endoftext|>` (what reward_model.py scores and dpo.py trains on)."""
+    tok = get_tokenizer()
+    cache: dict[Post, list[int]] = {}  # a post is usually compared many times
+    out = []
+    for c in comparisons:
+        if c.post not in cache:
+            cache[c.post] = prompt_tokens(c.post, info["max_prompt_tokens"], info["template"], tok)[0]
+        out.append((cache[c.post], summary_tokens(c.chosen, info["max_summary_tokens"], tok),
+                    summary_tokens(c.rejected, info["max_summary_tokens"], tok)))
+    return out
+
+
 def template_info(template: str = TEMPLATE, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
                   max_summary_tokens: int = MAX_SUMMARY_TOKENS) -> dict:
     """What a checkpoint keeps so that later stages and summarize.py build the same prompts."""

@@ -14,13 +14,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from common import UserError, compute_init, print0, read_jsonl, write_json
-from checkpoints import set_rng_state
+from checkpoints import rng_state, save_checkpoint, set_rng_state
 
 
 # -----------------------------------------------------------------------------
@@ -85,6 +85,33 @@ class Run:
     def saved(self, path, step: int):
         print0(f"saved {path} (step {step})")
 
+    def keep_best(self, record: dict, step: int, metrics: dict, save: Callable[[Any, int, bool], None], best_path,
+                  latest_path, master: bool):
+        """The end of an evaluation in a trainer that keeps a best and a latest checkpoint (sft.py, dpo.py): the
+        record joins `metrics`, the lowest val_loss so far is best_val_loss (and best_step), the eval line is
+        logged, and rank 0 writes best_path when it improved (`save(path, step, with_state=False)`) and
+        latest_path always (with the training state, for --resume)."""
+        improved = record["val_loss"] < metrics["best_val_loss"]
+        metrics.update(record)
+        if improved:
+            metrics.update(best_val_loss=record["val_loss"], best_step=step)
+        self.logger.log({**record, "best_val_loss": metrics["best_val_loss"]}, step, kind="eval")
+        if master:
+            if improved:
+                save(best_path, step, False)
+                print0(f"saved {best_path} (step {step}, val loss {record['val_loss']:.4f})")
+            save(latest_path, step, True)
+
+    def end_step(self, done: int, eval_every: int, evaluate: Callable[[int], None],
+                 save: Callable[[Any, int, bool], None], latest_path, master: bool):
+        """After step `done`: evaluate (which saves) when it is due; else, where this invocation stops between
+        evaluations (--stop-at), rank 0 saves only what --resume needs."""
+        if self.is_due(done, eval_every):
+            evaluate(done)
+        elif self.is_last(done) and master:
+            save(latest_path, done, True)
+            self.saved(latest_path, done)
+
     def finish(self, result: dict) -> dict:
         """Close the logger; returns `result`, what the trainer's main returns."""
         self.logger.finish()
@@ -110,6 +137,18 @@ def start_run(cfg: RunFlags, rt, name: str, start_step: int, max_steps: int, mod
     run.logger = RunLogger(Path("runs") / cfg.run_name, cfg, enabled=rt.master,
                            wandb_project=cfg.wandb_project if cfg.wandb else None, run_name=cfg.run_name)
     return run
+
+
+def checkpoint_writer(stage: str, model: torch.nn.Module, cfg, metrics: dict, optimizer, scaler, data,
+                      **extra) -> Callable[[Any, int, bool], None]:
+    """save(path, step, with_state) of a trainer that keeps a best and a latest checkpoint: the model, its flags,
+    `metrics` and `extra` (the prompt template), and with_state also the optimizer, scaler, data position
+    (`data.state_dict()`) and RNG that --resume needs."""
+    def save(path, step: int, with_state: bool):
+        state = dict(optimizer=optimizer, scaler=scaler, data_state=data.state_dict(), rng=rng_state()) \
+            if with_state else {}
+        save_checkpoint(path, stage=stage, model=model, step=step, config=cfg, metrics=metrics, **extra, **state)
+    return save
 
 
 def init_runtime(cfg: RunFlags):
@@ -150,8 +189,10 @@ def lr_at(step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps:
 
 
 def set_lr(optimizer, lr: float):
+    """The schedule's learning rate on every parameter group, times the group's `lr_scale` where it has one
+    (Muon's groups: --muon-lr / --max-lr, so that one warmup + cosine drives both optimizers)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: float, step: int) -> tuple[float, bool]:
@@ -169,6 +210,86 @@ def optimizer_step(model, optimizer, scaler, lr: float, grad_clip: float, loss: 
     scaler.step(optimizer)
     scaler.update()
     return norm.item(), scaler.is_enabled() and scaler.get_scale() < scale
+
+
+# -----------------------------------------------------------------------------
+# the optimizers: AdamW (the GPT-2 recipe), or Muon for the blocks' matrices with AdamW for the rest
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_split(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+    """(Muon's, AdamW's) parameters of a GPT. Muon orthogonalizes the update of a hidden layer's weight matrix
+    (Jordan et al. 2024, "Muon: An optimizer for hidden layers"), so it takes the 2-D weights inside the
+    transformer blocks: attention qkv and projection, MLP in and out. Everything else goes to AdamW: the token
+    and position embeddings and the head (tied to the token embedding: an embedding's rows are not a linear
+    map's, and named_parameters lists the tied tensor once), LayerNorm gains and biases."""
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon if name.startswith("transformer.h.") and p.ndim == 2 else adamw).append(p)
+    return muon, adamw
+
+
+class MuonAdamW:
+    """torch.optim.Muon and torch.optim.AdamW stepped as one optimizer: the GradScaler (unscale_ and step see
+    both optimizers' groups, so an overflow in either skips both), set_lr, zero_grad and the checkpoint's
+    `optimizer` entry ({"muon": ..., "adamw": ...}) see one object. Under DDP the gradients are all-reduced
+    before the step, so every rank's Newton-Schulz iteration gets the same input and makes the same update."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != {"muon", "adamw"}:
+            raise UserError("the checkpoint's optimizer state is AdamW's alone: resume it with --optimizer adamw")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+    def set_momentum(self, momentum: float):
+        for group in self.muon.param_groups:
+            group["momentum"] = momentum
+
+
+def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
+    """Muon's momentum, raised linearly from `start` to `end` over the first warmup_steps (modded-nanogpt's
+    0.85 -> 0.95 over 300 steps: less momentum while the early gradients change fast)."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps
+
+
+def build_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float, betas: tuple[float, float],
+                    device_type: str, muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                    muon_weight_decay: float = 0.01):
+    """`adamw`: GPT.configure_optimizers (decay on 2-D weights only). `muon`: MuonAdamW, torch.optim.Muon on
+    muon_split's matrices (Nesterov, 5 Newton-Schulz steps, the update scaled by sqrt(max(1, rows/cols)) as in
+    Keller Jordan's implementation) and AdamW with `lr`, `weight_decay` (2-D embeddings only) and `betas` on
+    the rest. Muon's groups carry lr_scale = muon_lr / lr, so the schedule of set_lr scales both alike."""
+    if name == "adamw":
+        return model.configure_optimizers(weight_decay, lr, betas, device_type)
+    if name != "muon":
+        raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
+    matrices, rest = muon_split(model)
+    muon = torch.optim.Muon([{"params": matrices, "lr_scale": muon_lr / lr}], lr=muon_lr,
+                            weight_decay=muon_weight_decay, momentum=muon_momentum, nesterov=True,
+                            adjust_lr_fn="original")
+    return MuonAdamW(muon, model.configure_optimizers(weight_decay, lr, betas, device_type, params=rest))
 
 
 def begin_step(model: torch.nn.Module, optimizer) -> float:
@@ -203,6 +324,15 @@ def prepare_for_training(model: torch.nn.Module, rt, use_compile: bool, dynamic:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None, **ddp_kwargs)
     return model
+
+
+def start_position(ckpt: dict | None, optimizer, scaler, data, metrics: dict) -> tuple[int, dict]:
+    """(first step, metrics) of a run: 0 and `metrics` for a fresh one; for --resume the checkpoint's step and
+    its metrics over those defaults, its training state restored (restore_training_state)."""
+    if ckpt is None:
+        return 0, metrics
+    restore_training_state(ckpt, optimizer, scaler, data)
+    return ckpt["step"], {**metrics, **ckpt["metrics"]}
 
 
 def restore_training_state(ckpt: dict, optimizer, scaler, data) -> None:

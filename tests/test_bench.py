@@ -176,3 +176,38 @@ def test_tiny_serve_section(tmp_path, capsys):
             assert st["latency_p50_s"] <= st["latency_p95_s"]
         assert set(level["ratio"]) == RATIO_FIELDS
     assert [t["value"] for t in r["targets"] if t["key"].startswith("serve.")] == [None]  # 8 clients not run
+
+
+def test_to_target_counts_tokens_and_training_seconds_by_hand():
+    run = {"curve": [(0, 10.0, 0.0), (20, 6.0, 4.0), (40, 5.0, 8.5), (60, 4.8, 12.0)]}
+    assert bench.to_target(run, 5.0, 512) == {"tokens": 40 * 512, "seconds": 8.5}
+    assert bench.to_target(run, 5.5, 512) == {"tokens": 40 * 512, "seconds": 8.5}
+    assert bench.to_target(run, 4.8, 512) == {"tokens": 60 * 512, "seconds": 12.0}
+
+
+def test_tiny_optimizer_section(tmp_path, capsys):
+    """bench.py --sections optimizer on a slice of real text, a few steps: the sweep, the seeds at the best
+    rates, a target every best run reaches, and ratios that are what the runs say."""
+    from pathlib import Path
+    text = tmp_path / "shakespeare.txt"
+    real = Path(bench.__file__).resolve().parents[1] / "shared" / "realdata" / "tinyshakespeare" / "input.txt"
+    if not real.is_file():
+        pytest.skip(f"{real} not here")
+    text.write_text(real.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    r = bench.main(config_from(bench.Config, bench.PRESETS, "tiny", sections=["optimizer"], threads=1, opt_text=str(text),
+                               opt_corpora=["text"], opt_model="tiny", opt_steps=6, opt_eval_every=2,
+                               opt_adamw_lrs=[1e-3, 4e-3], opt_muon_lrs=[0.02], opt_seeds=2, out=str(tmp_path / "b.json")))
+    o = r["optimizer"]
+    row = o["corpora"]["text"]
+    assert [run["lr"] for run in row["sweep"]["adamw"]] == [1e-3, 4e-3] and len(row["sweep"]["muon"]) == 1
+    best_adamw = min(row["sweep"]["adamw"], key=lambda run: run["final_val_loss"])["lr"]
+    assert all(run["adamw_lr"] == best_adamw for run in row["sweep"]["muon"])  # Muon's AdamW part at AdamW's best rate
+    for opt in ("adamw", "muon"):
+        best = row["best"][opt]
+        assert [run["seed"] for run in best["runs"]] == [0, 1] and len({run["lr"] for run in best["runs"]}) == 1
+        assert [step for step, _, _ in best["runs"][0]["curve"]] == [0, 2, 4, 6]
+        for run, tokens in zip(best["runs"], best["tokens"]):
+            assert min(v for _, v, _ in run["curve"]) <= row["target_val_loss"] and tokens % 512 == 0
+    assert row["tokens_ratio"] == pytest.approx(sum(row["best"]["adamw"]["tokens"]) / sum(row["best"]["muon"]["tokens"]))
+    assert o["newton_schulz"]["max_abs_difference"] < 0.05  # bfloat16 and float32 iterations agree
+    assert "**Optimizers**" in capsys.readouterr().out

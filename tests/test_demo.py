@@ -19,8 +19,9 @@ from model import GPT, build_model
 from summaries import generate_summaries
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CHECKPOINTS = ("pretrain.pt", "pretrain_hellaswag_val.json", "best_sft.pt", "reward_model.pt", "ppo_latest.pt")
-TRAINED = ("pretrain", "hellaswag", "sft", "reward_model", "ppo", "eval")
+CHECKPOINTS = ("pretrain.pt", "pretrain_hellaswag_val.json", "best_sft.pt", "reward_model.pt", "ppo_latest.pt",
+               "dpo_latest.pt")
+TRAINED = ("pretrain", "hellaswag", "sft", "reward_model", "ppo", "dpo", "eval")
 
 
 def run_sh(args, cwd, timeout=1500, python=sys.executable):  # a generous timeout: the CPU may be shared
@@ -51,7 +52,7 @@ def test_run_sh_tiny_runs_every_stage_through_its_script(tiny_run):
     ckpts, run = work / "checkpoints" / "tiny", work / "runs" / "tiny"
     for name in CHECKPOINTS:
         assert (ckpts / name).is_file(), name
-    for stage in ("pretrain", "sft", "reward_model", "ppo"):
+    for stage in ("pretrain", "sft", "reward_model", "ppo", "dpo"):
         assert (run / stage / "log.jsonl").stat().st_size > 0, stage
     # every stage ran through its own script, in order, up to summarize.py serving the PPO policy
     order = [proc.stdout.index(f"== {s}\n") for s in ("synthetic", "fineweb", *TRAINED, "summarize")]
@@ -135,7 +136,8 @@ def test_run_sh_tiny_report_table_and_plots(tiny_run):
     work, ckpts, run, report, figures = _tiny(tiny_run)
     # the markdown table: every row's "after" cell holds a number
     text = (run / "report.md").read_text()
-    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    main_table = text.split("\n## ")[0]  # the sections after it have tables of their own
+    rows = [line.split("|")[1:-1] for line in main_table.splitlines() if line.startswith("| ") and "---" not in line]
     table = [r for r in rows if len(r) == 4 and r[0].strip() != "metric"]
     assert len(table) >= 12
     for metric, _, after, _ in table:
@@ -144,6 +146,26 @@ def test_run_sh_tiny_report_table_and_plots(tiny_run):
     assert example["sft"] in text and example["ppo"] in text and set(example["gold"]) == {"reference", "sft", "ppo"}
     for png in ("loss.png", "hellaswag.png", "ppo.png"):
         assert (run / png).read_bytes()[:8] == PNG_MAGIC, png
+
+
+def test_run_sh_tiny_report_compares_ppo_and_dpo(tiny_run):
+    work, ckpts, run, report, figures = _tiny(tiny_run)
+    assert load_checkpoint(ckpts / "dpo_latest.pt", "dpo")["stage"] == "dpo" and (ckpts / "best_dpo.pt").is_file()
+    assert report["eval"]["dpo"] == "dpo_latest"
+    ev = json.loads((run / "eval" / "eval.json").read_text())
+    for who in ("ppo", "dpo"):
+        assert figures[f"eval_kl_to_sft_{who}"] == ev["models"][f"{who}_latest"]["kl_to_sft"] >= 0
+        assert figures[f"test_gold_{who}"] == ev["models"][f"{who}_latest"]["gold"]
+    assert "kl_to_sft" not in ev["models"]["best_sft"]
+    assert figures["dpo_val_accuracy_first"] == 0.5  # step 0 evaluates the SFT policy: every implicit reward is 0
+    assert figures["dpo_kl_first"] == pytest.approx(0.0, abs=1e-5)
+    section = (run / "report.md").read_text().split("## PPO vs DPO")[1]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [c.strip() for c in rows[0]] == ["figure", "SFT", "PPO", "DPO"]
+    kl = next(r for r in rows if r[0].strip().startswith("KL to SFT"))
+    assert float(kl[2]) == pytest.approx(figures["eval_kl_to_sft_ppo"], abs=0.006)
+    assert float(kl[3]) == pytest.approx(figures["eval_kl_to_sft_dpo"], abs=0.006)
+    assert (run / "dpo.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_run_sh_rerun_skips_finished_stages(tiny_run):
@@ -188,7 +210,8 @@ def test_run_sh_continues_an_interrupted_stage_and_force_redoes_all(tmp_path):
     calls = tmp_path / "calls.txt"
     proc = run_sh(["tiny"], tmp_path, python=fake_python(tmp_path, calls))
     assert proc.returncode == 0, proc.stderr
-    assert scripts(calls) == ["sft.py", "reward_model.py", "ppo.py", "eval_summaries.py", "summarize.py", "report.py", "plot.py"]
+    assert scripts(calls) == ["sft.py", "reward_model.py", "ppo.py", "dpo.py", "eval_summaries.py", "summarize.py", "report.py",
+                              "plot.py"]
     lines = calls.read_text().splitlines()
     assert "--resume" in lines[0].split() and "--resume" not in lines[1].split()
     assert (run / "sft" / "log.jsonl").exists()                       # a continued run keeps its log
@@ -197,8 +220,8 @@ def test_run_sh_continues_an_interrupted_stage_and_force_redoes_all(tmp_path):
     calls.unlink()
     proc = run_sh(["tiny", "--force"], tmp_path, python=fake_python(tmp_path, calls))
     assert proc.returncode == 0, proc.stderr
-    assert scripts(calls) == ["pretrain.py", "hellaswag.py", "sft.py", "reward_model.py", "ppo.py", "eval_summaries.py",
-                              "summarize.py", "report.py", "plot.py"]
+    assert scripts(calls) == ["pretrain.py", "hellaswag.py", "sft.py", "reward_model.py", "ppo.py", "dpo.py",
+                              "eval_summaries.py", "summarize.py", "report.py", "plot.py"]
     assert not any("--resume" in line.split() for line in calls.read_text().splitlines())
     assert not (run / "sft" / "log.jsonl").exists()                   # a fresh run does not append to the old log
     assert sorted(p.name for p in (ck / "previous").iterdir()) == ["pretrain.pt", "pretrain_hellaswag_val.json",

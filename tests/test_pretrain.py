@@ -1,6 +1,7 @@
 """pretrain.py: the tiny preset learns the generated shards, N steps == k + resume + (N-k) exactly, a real
-2-process torchrun (gloo) matches one process with the same global batch, the fp16 + GradScaler path,
-a NaN loss stops naming the step, the loader's disjoint/resumable reads, and user errors."""
+2-process torchrun (gloo) matches one process with the same global batch (AdamW and Muon), --optimizer muon
+learns, logs both learning rates and resumes exactly, the fp16 + GradScaler path, a NaN loss stops naming the
+step, the loader's disjoint/resumable reads, and user errors."""
 import json
 import math
 
@@ -73,12 +74,15 @@ def test_resume_is_exact(pretrain_shards, tmp_path):
 # -----------------------------------------------------------------------------
 # torchrun: 2 gloo processes == 1 process with the same global batch
 
-def test_torchrun_two_processes_match_one(pretrain_shards, tmp_path):
-    kw = dict(max_steps=4, warmup_steps=2, eval_every=0, num_samples=0, micro_batch=4, total_batch_tokens=256)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_match_one(pretrain_shards, tmp_path, optimizer):
+    kw = dict(max_steps=4, warmup_steps=2, eval_every=0, num_samples=0, micro_batch=4, total_batch_tokens=256,
+              optimizer=optimizer, muon_momentum_warmup=4)
     single = pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "single", **kw))  # 2 accumulation steps
     flags = ["--preset", "tiny", "--data-dir", pretrain_shards, "--hellaswag-path", "", "--ckpt", tmp_path / "ddp.pt",
              "--run-name", tmp_path / "ddp", "--max-steps", 4, "--warmup-steps", 2, "--eval-every", 0,
-             "--num-samples", 0, "--micro-batch", 4, "--total-batch-tokens", 256]
+             "--num-samples", 0, "--micro-batch", 4, "--total-batch-tokens", 256, "--optimizer", optimizer,
+             "--muon-momentum-warmup", 4]
     r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "pretrain.py", *flags],
                    cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -91,6 +95,51 @@ def test_torchrun_two_processes_match_one(pretrain_shards, tmp_path):
         assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-4), (step, one, two)
     assert records(tmp_path / "ddp", "eval")[-1]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
     assert load_checkpoint(tmp_path / "ddp.pt")["data_state"] == load_checkpoint(tmp_path / "single.pt")["data_state"]
+    if optimizer == "muon":  # the losses after step 0 follow Muon's updates: each rank made the same one
+        # Newton-Schulz runs in bfloat16, whose rounding turns the float-sum-order differences into weight
+        # differences of ~1e-3 after 4 steps; a rank stepping on its own gradient would be off by a whole update
+        a, b = load_checkpoint(tmp_path / "ddp.pt"), load_checkpoint(tmp_path / "single.pt")
+        worst = max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"])
+        assert worst < 5e-3, worst
+
+
+# -----------------------------------------------------------------------------
+# --optimizer muon: learns, logs both learning rates, resumes exactly (two ranks: the torchrun test above)
+
+MUON = dict(optimizer="muon", muon_lr=0.02, muon_momentum_warmup=4)
+
+
+def test_muon_learns_logs_both_rates_and_resumes_exactly(pretrain_shards, tmp_path):
+    kw = dict(max_steps=8, warmup_steps=3, eval_every=4, num_samples=0, **MUON)
+    straight = pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "straight", **kw))
+    pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "split", stop_at=5, **kw))
+    resumed = pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "split", resume=True, **kw))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "split")
+    assert list(b) == list(range(8)) and a == b  # exactly equal on CPU: both optimizers' states were restored
+    assert straight["val_loss"] == resumed["val_loss"]
+    sa, sb = load_checkpoint(tmp_path / "straight.pt"), load_checkpoint(tmp_path / "split.pt")
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    assert set(sa["optimizer"]) == {"muon", "adamw"}
+    train = records(tmp_path / "straight")
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    for r in train:
+        assert r["muon_lr"] == pytest.approx(r["lr"] * 0.02 / kw.get("max_lr", pretrain.PRESETS["tiny"]["max_lr"]))
+        assert r["muon_momentum"] == pytest.approx(0.85 + 0.1 * min(r["step"], 4) / 4)
+
+
+def test_resuming_with_the_other_optimizer_is_refused(pretrain_shards, tmp_path):
+    kw = dict(max_steps=4, warmup_steps=1, eval_every=0, num_samples=0, stop_at=1)
+    pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "adam", **kw))
+    pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "muon", **kw, **MUON))
+    with pytest.raises(UserError, match="trained with --optimizer adamw: resume it with the same optimizer"):
+        pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "adam", resume=True, **{**kw, **MUON}))
+    with pytest.raises(UserError, match="trained with --optimizer muon"):
+        pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "muon", resume=True, **kw))
+    pretrain.main(tiny_cfg(pretrain_shards, tmp_path, "adam", resume=True, **kw, ))  # an AdamW checkpoint still resumes
+    with pytest.raises(UserError, match="unknown --optimizer 'sgd'"):
+        pretrain.main(tiny_cfg(pretrain_shards, tmp_path, optimizer="sgd"))
+    with pytest.raises(UserError, match="--muon-momentum must be in"):
+        pretrain.main(tiny_cfg(pretrain_shards, tmp_path, muon_momentum=1.0))
 
 
 # -----------------------------------------------------------------------------
