@@ -39,7 +39,7 @@ import summaries
 import tldr
 from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, prompt_info, resolve_ckpt
 from common import UserError, all_reduce_sum, check_flags, cli_main, print0
-from model import GPT
+from model import GPT, pack_summaries
 from training import (RunFlags, begin_step, checkpoint_writer, grad_accum_steps, init_runtime, lr_at, micro_steps,
                       prepare_for_training, start_position, start_run, step_seconds, update_step, use_compile)
 
@@ -107,11 +107,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def pair_logprobs(model, triples: list[tldr.Triple], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs (B,) of the chosen and of the rejected summaries, both in one forward."""
-    pairs = [(p, c) for p, c, _ in triples] + [(p, r) for p, _, r in triples]
-    logps = summaries.summary_logprobs(model, pairs, device)
-    return logps[:len(triples)], logps[len(triples):]
+class PairLogprobs(torch.nn.Module):
+    """Summed log-probs (B, 2) of each pair's chosen and rejected summary under `model`, from one packed row per
+    pair (model.pack_summaries: `prompt | chosen | rejected`, the prompt computed once - on TL;DR most of the
+    tokens - and each summary seeing the prompt and itself only, so each log-prob is the one the summary gets
+    after the prompt alone). A module of its own so that DDP and torch.compile wrap the packed forward."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, positions, attn_mask, predictors, targets, owners):
+        h = self.model.packed_hidden_states(idx, positions, attn_mask)                  # (B, T, C)
+        logits = self.model.logits(h.flatten(0, 1)[predictors])                          # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (N,)
+        return torch.zeros(idx.size(0) * 2, device=logp.device).index_add(0, owners, logp).view(-1, 2)
+
+
+def packed_pairs(triples: list[tldr.Triple]) -> dict[str, torch.Tensor]:
+    """PairLogprobs' inputs: pack_summaries' rows, and for each summary token (N in all) the flat index of the
+    position that predicts it (the prompt's last token for a summary's first token, else the token before it
+    in the same summary), the token, and its owner (2 * pair + 0 for chosen, 1 for rejected)."""
+    batch = pack_summaries([(p, [c, r]) for p, c, r in triples])
+    T = batch["idx"].size(1)
+    predictors, targets, owners = [], [], []
+    for i, (prompt, chosen, rejected) in enumerate(triples):
+        start = len(prompt)
+        for k, summary in enumerate((chosen, rejected)):
+            predictors += [i * T + len(prompt) - 1] + [i * T + start + j for j in range(len(summary) - 1)]
+            targets += summary
+            owners += [2 * i + k] * len(summary)
+            start += len(summary)
+    return {k: batch[k] for k in ("idx", "positions", "attn_mask")} | {
+        "predictors": torch.tensor(predictors), "targets": torch.tensor(targets), "owners": torch.tensor(owners)}
+
+
+def pair_logprobs(scorer: PairLogprobs | torch.nn.Module, triples: list[tldr.Triple], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs (B,) of a list of triples through a PairLogprobs (or its wrapper)."""
+    logps = scorer(**{k: v.to(device) for k, v in packed_pairs(triples).items()})
+    return logps[:, 0], logps[:, 1]
 
 
 @torch.no_grad()
@@ -120,11 +154,11 @@ def reference_logprobs(ref: GPT, triples: list[tldr.Triple], rt, batch_size: int
     once: rank r scores triples[r::world_size] and the all-reduce fills in the rest."""
     out = torch.zeros(len(triples), 2, dtype=torch.float64, device=rt.device)
     mine = list(range(rt.rank, len(triples), rt.world_size))
-    ref.eval()
+    scorer = PairLogprobs(ref).eval()
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         with rt.autocast():
-            chosen, rejected = pair_logprobs(ref, [triples[i] for i in rows], rt.device)
+            chosen, rejected = pair_logprobs(scorer, [triples[i] for i in rows], rt.device)
         out[rows] = torch.stack([chosen, rejected], 1).double()
     return all_reduce_sum(out).float()
 
@@ -178,7 +212,8 @@ def means(sums: torch.Tensor, n: int) -> dict:
 
 
 def train_step(model, scaler, data: DPOData, batches: list[list[int]], cfg: Config, rt) -> dict:
-    """Forward and backward of one optimizer step's micro-batches; the step's means over every rank."""
+    """Forward and backward of one optimizer step's micro-batches through `model` (the policy's PairLogprobs,
+    compiled and DDP-wrapped as asked); the step's means over every rank."""
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
     for micro in micro_steps(model, rt, len(batches)):
         rows = batches[micro]
@@ -198,11 +233,12 @@ def validation_stats(model: GPT, data: DPOData, cfg: Config, rt) -> dict:
     """The step's statistics over every validation pair (rank r scores pairs r::world_size)."""
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)
     mine = list(range(rt.rank, len(data.valid), rt.world_size))
+    scorer = PairLogprobs(model)
     model.eval()
     for start in range(0, len(mine), cfg.eval_batch):
         rows = mine[start:start + cfg.eval_batch]
         with rt.autocast():
-            chosen, rejected = pair_logprobs(model, [data.valid[i] for i in rows], rt.device)
+            chosen, rejected = pair_logprobs(scorer, [data.valid[i] for i in rows], rt.device)
         ref = data.ref_valid[rows].to(rt.device)
         sums += pair_stats(*dpo_loss(chosen.float(), rejected.float(), ref[:, 0], ref[:, 1], cfg.beta, cfg.loss,
                                      cfg.label_smoothing))
@@ -215,8 +251,9 @@ def held_out_stats(model: GPT, ref: GPT, posts: list[tldr.Post], info: dict, gol
     length in tokens, and (generated posts) their gold score."""
     texts = summaries.generate_summaries(model, posts, rt, cfg.eval_batch, info["max_summary_tokens"],
                                          max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
-    pairs = [(tldr.prompt_tokens(p, info["max_prompt_tokens"], info["template"])[0],
-              tldr.summary_tokens(t, info["max_summary_tokens"])) for p, t in zip(posts, texts)]
+    budget = summaries.prompt_budget(model.config.block_size, info["max_summary_tokens"], info["max_prompt_tokens"])
+    pairs = [(tldr.prompt_tokens(p, budget, info["template"])[0], tldr.summary_tokens(t, info["max_summary_tokens"]))
+             for p, t in zip(posts, texts)]  # the prompts the summaries were generated from
     kl = summaries.kl_to_reference(model, ref, pairs, rt, cfg.eval_batch)
     record = {"kl_to_ref": sum(kl) / len(kl), "summary_tokens": sum(len(s) for _, s in pairs) / len(pairs)}
     if gold:
@@ -269,7 +306,7 @@ def main(cfg: Config) -> dict:
     # --- schedule
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
     start_step, metrics = start_position(ckpt, optimizer, scaler, data.sampler, {"best_val_loss": float("inf"), "skipped_steps": 0})
-    model = prepare_for_training(model, rt, use_compile(cfg, rt))
+    model = prepare_for_training(PairLogprobs(model), rt, use_compile(cfg, rt), dynamic=True)
     run = start_run(cfg, rt, "dpo", start_step, max_steps,
                     f"{raw.num_params() / 1e6:.2f}M params from {cfg.sft if not cfg.resume else latest_path}, "
                     f"{cfg.loss} loss, beta {cfg.beta}", f"{cfg.batch_size} pairs/step = {cfg.micro_batch} x "

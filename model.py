@@ -246,6 +246,14 @@ class GPT(nn.Module):
             cache.len += T
         return self.transformer.ln_f(x)
 
+    def packed_hidden_states(self, idx, positions, attn_mask):
+        """Final-layer-norm output (B, T, C) of rows packed by pack_summaries: explicit positions (B, T) and a
+        ready (B, 1, T, T) boolean attention mask (a summary sees its prompt and itself only)."""
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, attn_mask)
+        return self.transformer.ln_f(x)
+
     def forward(self, idx, targets=None, attention_mask=None, logits_at=None):
         """idx (B, T) → logits and the mean cross-entropy over targets != -1.
 
@@ -647,6 +655,35 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
             idx[i, cols] = torch.tensor(s)
             mask[i, cols] = 1
     return idx, mask
+
+
+def pack_summaries(rows: list[tuple[list[int], list[list[int]]]], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
+    """One row per prompt, `prompt | summary 1 | summary 2 | ...`, right-padded, with what attention needs
+    so that the prompt is computed once for all its summaries (on TL;DR the prompt is most of the tokens):
+    a summary sees the prompt and itself only, and its positions restart after the prompt, so its scores
+    equal those of `prompt + summary` run alone (tests check this).
+    Returns idx, positions (B, T), attn_mask (B, 1, T, T) bool, and ends (B, K): the last token of each
+    of the K summaries of a row, where the rewards are read."""
+    T = max(len(p) + sum(map(len, ss)) for p, ss in rows)
+    B, K = len(rows), len(rows[0][1])
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, k summary k, -1 padding
+    ends = torch.zeros((B, K), dtype=torch.long)
+    for i, (p, texts) in enumerate(rows):
+        idx[i, :len(p)], positions[i, :len(p)], segment[i, :len(p)] = torch.tensor(p), torch.arange(len(p)), 0
+        start = len(p)
+        for k, s in enumerate(texts):
+            stop = start + len(s)
+            idx[i, start:stop], segment[i, start:stop] = torch.tensor(s), k + 1
+            positions[i, start:stop] = torch.arange(len(p), len(p) + len(s))
+            ends[i, k] = stop - 1
+            start = stop
+    q, k = segment[:, :, None], segment[:, None, :]                       # (B, T, 1), (B, 1, T)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    visible = causal & (k >= 0) & ((k == 0) | (k == q))  # real, not ahead, the prompt or the same summary
+    visible |= torch.eye(T, dtype=torch.bool)  # padding queries attend to themselves: finite, unused
+    return {"idx": idx, "positions": positions, "attn_mask": visible[:, None], "ends": ends}
 
 
 # -----------------------------------------------------------------------------

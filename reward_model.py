@@ -39,7 +39,7 @@ import tldr
 from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, prompt_info, resolve_ckpt,
                          rng_state, save_checkpoint)
 from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0, unwrap
-from model import PAD_ID, ScoreModel
+from model import PAD_ID, ScoreModel, pack_summaries
 from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
                       restore_training_state, start_run, step_seconds, update_step, use_compile)
 
@@ -110,35 +110,6 @@ def pair_stats(comparisons: list[tldr.Comparison]) -> dict:
     return {"pairs": len(comparisons), "duplicate_pairs": duplicates, "contradicting_pairs": contradictions}
 
 
-def pack_summaries(rows: list[tuple[list[int], list[list[int]]]], pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
-    """One row per prompt, `prompt | summary 1 | summary 2 | ...`, right-padded, with what attention needs
-    so that the prompt is computed once for all its summaries (on TL;DR the prompt is most of the tokens):
-    a summary sees the prompt and itself only, and its positions restart after the prompt, so its scores
-    equal those of `prompt + summary` run alone (tests check this).
-    Returns idx, positions (B, T), attn_mask (B, 1, T, T) bool, and ends (B, K): the last token of each
-    of the K summaries of a row, where the rewards are read."""
-    T = max(len(p) + sum(map(len, ss)) for p, ss in rows)
-    B, K = len(rows), len(rows[0][1])
-    idx = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros((B, T), dtype=torch.long)
-    segment = torch.full((B, T), -1, dtype=torch.long)  # 0 prompt, k summary k, -1 padding
-    ends = torch.zeros((B, K), dtype=torch.long)
-    for i, (p, texts) in enumerate(rows):
-        idx[i, :len(p)], positions[i, :len(p)], segment[i, :len(p)] = torch.tensor(p), torch.arange(len(p)), 0
-        start = len(p)
-        for k, s in enumerate(texts):
-            stop = start + len(s)
-            idx[i, start:stop], segment[i, start:stop] = torch.tensor(s), k + 1
-            positions[i, start:stop] = torch.arange(len(p), len(p) + len(s))
-            ends[i, k] = stop - 1
-            start = stop
-    q, k = segment[:, :, None], segment[:, None, :]                       # (B, T, 1), (B, 1, T)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    visible = causal & (k >= 0) & ((k == 0) | (k == q))  # real, not ahead, the prompt or the same summary
-    visible |= torch.eye(T, dtype=torch.bool)  # padding queries attend to themselves: finite, unused
-    return {"idx": idx, "positions": positions, "attn_mask": visible[:, None], "ends": ends}
-
-
 class PairScorer(torch.nn.Module):
     """Rewards (B, K) of the summaries of a batch from `pack_summaries`. A module of its own so that
     DDP and torch.compile wrap the packed forward; `model` is the ScoreModel whose weights it uses."""
@@ -148,11 +119,7 @@ class PairScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, idx, positions, attn_mask, ends):
-        tr = self.model.transformer
-        x = tr.drop(tr.wte(idx) + tr.wpe(positions))
-        for block in tr.h:
-            x = block(x, attn_mask)
-        scores = self.model.score_head(tr.ln_f(x)).squeeze(-1)            # (B, T)
+        scores = self.model.score_head(self.model.packed_hidden_states(idx, positions, attn_mask)).squeeze(-1)  # (B, T)
         return scores.gather(1, ends)                                     # (B, K)
 
 

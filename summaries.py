@@ -137,14 +137,6 @@ def summary_logits(model: GPT, pairs: list[tuple[list[int], list[int]]], device)
     return logits, targets[keep], keep.nonzero()[:, 0]
 
 
-def summary_logprobs(model: GPT, pairs: list[tuple[list[int], list[int]]], device) -> torch.Tensor:
-    """Summed log-probability (B,) of each summary (its EOS included) after its prompt: log pi(y | x), the
-    sequence log-likelihood DPO compares (prompt and padding contribute nothing)."""
-    logits, tokens, rows = summary_logits(model, pairs, device)
-    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)    # (N,)
-    return torch.zeros(len(pairs), device=logp.device).index_add(0, rows, logp)
-
-
 @torch.no_grad()
 def kl_to_reference(model: GPT, ref: GPT, pairs: list[tuple[list[int], list[int]]], rt, batch_size: int = 16) -> list[float]:
     """KL(model || ref) along each summary: the exact KL of the two next-token distributions at every summary

@@ -73,11 +73,11 @@ def _triples(n, seed=0):
     return [(rand(3, 20), rand(1, 9), rand(1, 9)) for _ in range(n)]
 
 
-def test_pair_log_probs_equal_a_naive_loop_and_ignore_prompt_and_padding_logits():
+def test_packed_pair_log_probs_equal_a_naive_loop_and_ignore_prompt_and_padding_logits():
     model = _tiny_lm().eval()
     triples = _triples(6)
     assert len({len(p) + len(c) for p, c, _ in triples}) > 1  # right padding really happens
-    chosen, rejected = dpo.pair_logprobs(model, triples, "cpu")
+    chosen, rejected = dpo.pair_logprobs(dpo.PairLogprobs(model), triples, "cpu")  # packed: prompt | chosen | rejected
     with torch.no_grad():
         for i, (prompt, c, r) in enumerate(triples):
             for got, summary in ((chosen[i], c), (rejected[i], r)):
@@ -92,7 +92,7 @@ def test_pair_log_probs_equal_a_naive_loop_and_ignore_prompt_and_padding_logits(
                 assert got.item() == pytest.approx(expected.item(), abs=1e-4)
     # more padding (a longer pair in the batch) changes nothing
     longest = ([7] * 60, [8] * 30, [9] * 25)
-    again_c, again_r = dpo.pair_logprobs(model, triples + [longest], "cpu")
+    again_c, again_r = dpo.pair_logprobs(dpo.PairLogprobs(model), triples + [longest], "cpu")
     torch.testing.assert_close(again_c[:6], chosen, atol=1e-5, rtol=0)
     torch.testing.assert_close(again_r[:6], rejected, atol=1e-5, rtol=0)
 
