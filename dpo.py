@@ -79,9 +79,10 @@ class Config(RunFlags):
 
 TINY = dict(max_steps=6, eval_every=3, batch_size=8, micro_batch=4, warmup_steps=1, max_lr=1e-4, min_lr=1e-5,
             val_pairs=16, kl_prompts=4, eval_batch=16)  # the tests: seconds
-# the demo: one pass over the comparisons of sample_comparisons.py (1,600 posts, about 3,000 pairs)
-SMALL = dict(epochs=1.0, eval_every=25, batch_size=32, micro_batch=16, warmup_steps=10, max_lr=5e-5, min_lr=5e-6,
-             val_pairs=512, kl_prompts=64, eval_batch=64)
+# the demo: half a pass over the comparisons of sample_comparisons.py (1,600 posts, about 3,000 pairs) - the
+# second half adds little on the generated world and would cost the demo two minutes
+SMALL = dict(epochs=0.5, eval_every=25, batch_size=32, micro_batch=16, warmup_steps=10, max_lr=5e-5, min_lr=5e-6,
+             val_pairs=256, kl_prompts=64, eval_batch=64)
 PRESETS = {"tiny": TINY, "small": SMALL, "gpt2": {}}
 
 
