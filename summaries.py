@@ -24,7 +24,7 @@ from checkpoints import build_from_checkpoint, load_checkpoint, prompt_info, res
 from common import UserError, get_tokenizer
 from model import EOS_ID, GPT, PAD_ID, ScoreModel, left_pad, position_kl, right_pad
 
-SUMMARIZER_STAGES = ("ppo", "dpo", "sft")
+SUMMARIZER_STAGES = ("ppo", "sft", "dpo")
 DEFAULT_CKPT, FALLBACK_CKPT = "ppo_latest.pt", "best_sft.pt"   # the PPO policy, else the SFT model
 DPO_CKPT = "dpo_latest.pt"   # the DPO policy, served beside the PPO and SFT models when it exists
 METADATA_SKIPPED = ("model", "optimizer", "scaler", "rng", "data_state", "value_model")  # tensors a summarizer does not keep

@@ -179,3 +179,14 @@ def test_card_license_is_true_and_a_demo_model_says_so(exported):
     assert not any("demo model" in line for line in export.training_lines(real))
     assert export.trained_on_generated_world({**real, "config": {"data": "/elsewhere/tldr", "gold_samples": 64}})
     assert "/hf/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_card_of_a_dpo_policy_says_dpo():
+    dpo = {"stage": "dpo", "step": 48, "metrics": {},
+           "config": {"sft": "best_sft.pt", "comparisons": "CarperAI/openai_summarize_comparisons", "beta": 0.1,
+                      "loss": "sigmoid", "gold": "auto"}}
+    lines = export.training_lines(dpo)
+    assert lines[0].startswith("- DPO (Rafailov et al. 2023; loss `sigmoid`, beta 0.1) for 48 steps from the SFT model `best_sft.pt`")
+    assert "CarperAI/openai_summarize_comparisons" in lines[0] and not any("Pretraining only" in line for line in lines)
+    assert not export.trained_on_generated_world(dpo)
+    assert export.trained_on_generated_world({**dpo, "config": {**dpo["config"], "gold": "on"}})
