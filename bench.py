@@ -784,7 +784,8 @@ def format_report(results: dict) -> str:
                 swept = ", ".join(f"{r['lr']:g}: {r['final_val_loss']:.3f}" for r in row["sweep"][opt])
                 ratios = (f"{row['tokens_ratio']:.2f}x | {row['seconds_ratio']:.2f}x" if opt == "muon" else " | ")
                 lines.append(f"| {corpus} (target {row['target_val_loss']:.3f}) | {label} | {b['lr']:g} ({swept}) | "
-                             f"{spread(b['tokens'], lambda v: f'{v:,.0f}')} | {spread(b['seconds'], lambda v: f'{v:.0f}')} | "
+                             f"{spread(b['tokens'], lambda v: f'{v:,.0f}')} | "
+                             f"{spread(b['seconds'], lambda v: f'{v:.0f}')} | "
                              f"{spread(b['final_val_loss'], lambda v: f'{v:.3f}')} | {ratios} |")
         lines += ["", f"Newton-Schulz (5 steps) on a {ns['shape'][0]}x{ns['shape'][1]} matrix: bfloat16 "
                   f"{1000 * ns['bfloat16_s']:.1f} ms, float32 {1000 * ns['float32_s']:.1f} ms (bfloat16 faster by "

@@ -143,7 +143,8 @@ def packed_pairs(triples: list[tldr.Triple]) -> dict[str, torch.Tensor]:
         "predictors": torch.tensor(predictors), "targets": torch.tensor(targets), "owners": torch.tensor(owners)}
 
 
-def pair_logprobs(scorer: PairLogprobs | torch.nn.Module, triples: list[tldr.Triple], device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(scorer: PairLogprobs | torch.nn.Module, triples: list[tldr.Triple],
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed log-probs (B,) of a list of triples through a PairLogprobs (or its wrapper)."""
     logps = scorer(**{k: v.to(device) for k, v in packed_pairs(triples).items()})
     return logps[:, 0], logps[:, 1]
@@ -252,11 +253,8 @@ def held_out_stats(model: GPT, ref: GPT, posts: list[tldr.Post], info: dict, gol
     length in tokens, and (generated posts) their gold score."""
     texts = summaries.generate_summaries(model, posts, rt, cfg.eval_batch, info["max_summary_tokens"],
                                          max_prompt_tokens=info["max_prompt_tokens"], template=info["template"])
-    budget = summaries.prompt_budget(model.config.block_size, info["max_summary_tokens"], info["max_prompt_tokens"])
-    pairs = [(tldr.prompt_tokens(p, budget, info["template"])[0], tldr.summary_tokens(t, info["max_summary_tokens"]))
-             for p, t in zip(posts, texts)]  # the prompts the summaries were generated from
-    kl = summaries.kl_to_reference(model, ref, pairs, rt, cfg.eval_batch)
-    record = {"kl_to_ref": sum(kl) / len(kl), "summary_tokens": sum(len(s) for _, s in pairs) / len(pairs)}
+    kl, lengths = summaries.kl_to_reference(model, ref, posts, texts, info, rt, cfg.eval_batch)
+    record = {"kl_to_ref": sum(kl) / len(kl), "summary_tokens": sum(lengths) / len(lengths)}
     if gold:
         record["gold_score"] = summaries.mean_gold_score(posts, texts)
     return record
@@ -306,7 +304,8 @@ def main(cfg: Config) -> dict:
 
     # --- schedule
     max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
-    start_step, metrics = start_position(ckpt, optimizer, scaler, data.sampler, {"best_val_loss": float("inf"), "skipped_steps": 0})
+    fresh = {"best_val_loss": float("inf"), "skipped_steps": 0}
+    start_step, metrics = start_position(ckpt, optimizer, scaler, data.sampler, fresh)
     model = prepare_for_training(PairLogprobs(model), rt, use_compile(cfg, rt), dynamic=True)
     run = start_run(cfg, rt, "dpo", start_step, max_steps,
                     f"{raw.num_params() / 1e6:.2f}M params from {cfg.sft if not cfg.resume else latest_path}, "

@@ -242,9 +242,7 @@ def kl_to_sft(path: Path, sft: Summarizer, posts: list[tldr.Post], texts: list[s
     """KL(policy || SFT) along each of the policy's summaries (summaries.kl_to_reference: exact per token, summed
     over the summary and its EOS), the prompt built by the policy's own template."""
     policy = Summarizer.load(path, rt.device, POLICY_STAGES)
-    budget = policy.info["max_summary_tokens"]
-    pairs = [(policy.prompt(post, budget)[0], tldr.summary_tokens(text, budget)) for post, text in zip(posts, texts)]
-    return summaries.kl_to_reference(policy.model, sft.model, pairs, rt, batch_size)
+    return summaries.kl_to_reference(policy.model, sft.model, posts, texts, policy.info, rt, batch_size)[0]
 
 
 # -----------------------------------------------------------------------------

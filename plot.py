@@ -8,8 +8,8 @@ accuracy, margin and KL. PNG files, matplotlib without a display.
 
 Which plot a log joins is decided by what it holds, not by its name: a log with `loss` / `val_loss`
 gets a loss panel, one with HellaSwag scores a HellaSwag panel, one with `rm_score` / `kl` (PPO) a reward
-and a KL panel, one with `val_accuracy` / `val_margin` (DPO) dpo.png. Metrics a log lacks are skipped; a plot with nothing to show is not written. When a
-resumed run logged a step twice, the later record wins.
+and a KL panel, one with `val_accuracy` / `val_margin` (DPO) dpo.png. Metrics a log lacks are skipped; a plot
+with nothing to show is not written. When a resumed run logged a step twice, the later record wins.
 """
 from __future__ import annotations
 

@@ -279,12 +279,9 @@ def load_model(cfg: Config, ckpt_path) -> tuple[GPT, dict | None]:
     return GPT(model_config(cfg.model, block_size=cfg.block_size)), None
 
 
-def muon_schedule(optimizer, cfg: Config, step: int, lr: float) -> dict:
-    """Set Muon's momentum for this step (its warmup); the log fields of Muon's rate and momentum (the
-    schedule's `lr` is AdamW's; Muon's is the same curve scaled to --muon-lr)."""
-    momentum = muon_momentum_at(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup)
-    optimizer.set_momentum(momentum)
-    return {"muon_lr": lr * cfg.muon_lr / cfg.max_lr, "muon_momentum": momentum}
+def muon_schedule(optimizer, cfg: Config, step: int):
+    """Muon's momentum for this step: its warmup (the learning rate follows the shared schedule, set_lr)."""
+    optimizer.set_momentum(muon_momentum_at(step, cfg.muon_momentum_start, cfg.muon_momentum, cfg.muon_momentum_warmup))
 
 
 def train_step(model, loader: ShardLoader, scaler, rt, accum: int) -> float:
@@ -368,8 +365,11 @@ def main(cfg: Config) -> dict:
         t0 = begin_step(model, optimizer)
         train_loss = train_step(model, loader, scaler, rt, accum)
         lr = lr_at(step, cfg.max_lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        muon_record = muon_schedule(optimizer, cfg, step, lr) if cfg.optimizer == "muon" else {}
-        record = {**update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics), **muon_record}
+        if cfg.optimizer == "muon":
+            muon_schedule(optimizer, cfg, step)
+        record = update_step(model, optimizer, scaler, lr, cfg.grad_clip, train_loss, step, metrics)
+        if cfg.optimizer == "muon":
+            record.update(optimizer.muon_settings())
         dt = step_seconds(rt, t0)
         record.update(dt_ms=dt * 1000, tok_per_s=cfg.total_batch_tokens / dt)
         if peak:

@@ -70,8 +70,9 @@ JUDGES = ("reward_model", "gold", "judge")
 
 
 def eval_figures(record: dict) -> tuple[dict, dict | None]:
-    """(figures, example, what was evaluated) of an eval.json: the SFT model (eval_summaries.py's --sft) and the PPO policy (the
-    first evaluated checkpoint of stage ppo) side by side, by the names the table uses."""
+    """(figures, example, what was evaluated) of an eval.json: the SFT model (eval_summaries.py's --sft), the PPO
+    policy and the DPO policy (the first evaluated checkpoint of stage ppo, of stage dpo) side by side, by the
+    names the tables use."""
     models = record.get("models") or {}
     sft_name = record.get("sft")
     ppo_name = next((n for n, m in models.items() if m.get("stage") == "ppo"), None)

@@ -125,32 +125,37 @@ def generate_summaries_and_ends(model, posts: list[tldr.Post | str], rt=None, ba
 
 
 # -----------------------------------------------------------------------------
-# log-probabilities of given summaries
+# how far a policy's summaries are from its reference
 
-def summary_logits(model: GPT, pairs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits (N, V) at the N positions that predict summary tokens, those tokens (N,), the row of each (N,))
-    of (prompt, summary) token pairs, right-padded in one batch; the vocabulary projection runs at those
-    positions only."""
+def summary_logits(model: GPT, pairs: list[tuple[list[int], list[int]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) at the N positions that predict summary tokens, the row of each (N,)) of (prompt, summary)
+    token pairs, right-padded in one batch; the vocabulary projection runs at those positions only."""
     idx, targets, mask = (t.to(device) for t in tldr.sft_batch(pairs))
     logits, _ = model(idx, targets, mask, logits_at="targets")                    # (N, V)
-    keep = targets != -1
-    return logits, targets[keep], keep.nonzero()[:, 0]
+    return logits, (targets != -1).nonzero()[:, 0]
 
 
 @torch.no_grad()
-def kl_to_reference(model: GPT, ref: GPT, pairs: list[tuple[list[int], list[int]]], rt, batch_size: int = 16) -> list[float]:
-    """KL(model || ref) along each summary: the exact KL of the two next-token distributions at every summary
-    position (model.position_kl), summed over the summary - how far a fine-tuned policy has moved from its
-    reference on the text it writes. Temperature 1, the distributions the models define."""
+def kl_to_reference(model: GPT, ref: GPT, posts: list[tldr.Post], texts: list[str], info: dict, rt,
+                    batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """KL(model || ref) along each of `model`'s summaries `texts` of `posts`: the exact KL of the two next-token
+    distributions at every summary token (model.position_kl), summed over the summary and its EOS - how far a
+    fine-tuned policy has moved from its reference on the text it writes (temperature 1) - and each summary's
+    length in tokens. The prompt is the one the summary was written after: `info`'s template and budgets, cut
+    to what the model's context leaves (as generate_summaries_and_ends)."""
+    budget = prompt_budget(model.config.block_size, info["max_summary_tokens"], info["max_prompt_tokens"])
+    tok = get_tokenizer()
+    pairs = [(tldr.prompt_tokens(post, budget, info["template"], tok)[0],
+              tldr.summary_tokens(text, info["max_summary_tokens"], tok)) for post, text in zip(posts, texts)]
     out = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         with rt.autocast():
-            logits, _, rows = summary_logits(model, chunk, rt.device)
-            ref_logits, _, _ = summary_logits(ref, chunk, rt.device)
+            logits, rows = summary_logits(model, chunk, rt.device)
+            ref_logits, _ = summary_logits(ref, chunk, rt.device)
         kl = position_kl(F.log_softmax(logits.float(), -1), F.log_softmax(ref_logits.float(), -1))   # (N,)
         out += torch.zeros(len(chunk), device=kl.device, dtype=kl.dtype).index_add(0, rows, kl).tolist()
-    return out
+    return out, [len(summary) for _, summary in pairs]
 
 
 # -----------------------------------------------------------------------------

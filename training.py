@@ -265,6 +265,11 @@ class MuonAdamW:
         for group in self.muon.param_groups:
             group["momentum"] = momentum
 
+    def muon_settings(self) -> dict:
+        """What Muon stepped with, for the log: its learning rate (set_lr's) and momentum."""
+        group = self.muon.param_groups[0]
+        return {"muon_lr": group["lr"], "muon_momentum": group["momentum"]}
+
 
 def muon_momentum_at(step: int, start: float, end: float, warmup_steps: int) -> float:
     """Muon's momentum, raised linearly from `start` to `end` over the first warmup_steps (modded-nanogpt's

@@ -1,7 +1,7 @@
 """dpo.py: the DPO, cDPO and IPO losses against hand-computed values and the log-sigmoid formula; summed
-summary log-probs against a naive loop over unpadded sequences, blind to prompt and padding logits; a tiny run
-that resumes exactly and whose checkpoint every summarizer command takes; and, on the generated world from the
-small SFT model, validation implicit-reward accuracy rising above chance with a growing margin (10 steps)."""
+summary log-probs against a naive loop over unpadded sequences, the vocabulary projected at summary positions
+only; a tiny run that resumes exactly and whose checkpoint every summarizer command takes; and, on the generated
+world from the small SFT model, validation implicit-reward accuracy rising above chance with a growing margin."""
 import json
 import math
 
@@ -73,21 +73,22 @@ def _triples(n, seed=0):
     return [(rand(3, 20), rand(1, 9), rand(1, 9)) for _ in range(n)]
 
 
-def test_packed_pair_log_probs_equal_a_naive_loop_and_ignore_prompt_and_padding_logits():
+def test_packed_pair_log_probs_equal_a_naive_loop_and_project_summary_positions_only():
     model = _tiny_lm().eval()
     triples = _triples(6)
     assert len({len(p) + len(c) for p, c, _ in triples}) > 1  # right padding really happens
+    projected, project = [], model.logits
+    model.logits = lambda x: projected.append(x.shape[0]) or project(x)  # count the rows the head projects
     chosen, rejected = dpo.pair_logprobs(dpo.PairLogprobs(model), triples, "cpu")  # packed: prompt | chosen | rejected
+    del model.logits
+    # the vocabulary projection ran at the positions that predict summary tokens and nowhere else: no prompt or
+    # padding logit exists that could count
+    assert projected == [sum(len(c) + len(r) for _, c, r in triples)]
     with torch.no_grad():
         for i, (prompt, c, r) in enumerate(triples):
             for got, summary in ((chosen[i], c), (rejected[i], r)):
-                seq = torch.tensor([prompt + summary])
-                logits, _ = model(seq)                                       # (1, T, V): every position
-                # garbage in every logit that does not predict a summary token: prompt positions (all but the
-                # last), which must not matter
-                logits = logits.clone()
-                logits[0, :len(prompt) - 1] = torch.randn(len(prompt) - 1, logits.size(-1)) * 100
-                logp = F.log_softmax(logits[0, len(prompt) - 1:-1], -1)     # positions that predict the summary
+                logits, _ = model(torch.tensor([prompt + summary]))         # (1, T, V): every position, unpadded
+                logp = F.log_softmax(logits[0, len(prompt) - 1:-1], -1)     # the positions that predict the summary
                 expected = logp.gather(-1, torch.tensor(summary)[:, None]).sum()
                 assert got.item() == pytest.approx(expected.item(), abs=1e-4)
     # more padding (a longer pair in the batch) changes nothing
@@ -151,7 +152,9 @@ def test_tiny_run_resumes_exactly_and_its_checkpoint_is_a_summarizer(tiny_setup,
     assert (ckpt_dir / "best_dpo.pt").is_file()
     summarizer = summaries.Summarizer.load(ckpt_dir / "dpo_latest.pt")
     assert summarizer.stage == "dpo" and summarizer.info == TINY_INFO
-    assert summarizer.summarize([tldr.Post("My roommate keeps eating my food.")], max_new_tokens=4)
+    assert all(torch.equal(summarizer.model.state_dict()[k], sa["model"][k]) for k in sa["model"])  # the DPO policy
+    texts, ended = summarizer.summarize([tldr.Post("My roommate keeps eating my food.")], max_new_tokens=4)
+    assert len(texts) == len(ended) == 1 and isinstance(texts[0], str)
     save_checkpoint(ckpt_dir / "best_sft.pt", stage="sft", model=_tiny_lm(), tldr=TINY_INFO)
     served = serve.checkpoint_paths(config_from(serve.Config, None, None, ckpt_dir=str(ckpt_dir)))
     assert [p.name for p in served] == ["dpo_latest.pt", "best_sft.pt"]
