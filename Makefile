@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: setup test test-slow demo serve clean
+.PHONY: setup test test-slow demo serve gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 # the web page and API on http://127.0.0.1:8000/ with the demo's PPO and SFT models (after `make demo`)
 serve: $(STAMP)
 	$(PY) serve.py --ckpt-dir checkpoints/small
+
+# the GPU figures (training tokens/s and MFU, fp16 memory, generation, HellaSwag, serving, a compiled run) on the
+# first CUDA GPU, appended to BENCHMARKS.md; without a GPU it says so and exits 0
+gpu-check: $(STAMP)
+	$(PY) gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

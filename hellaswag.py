@@ -44,6 +44,7 @@ URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_
 SPLITS = ("train", "val", "test")  # test has no labels: it can be downloaded but not scored
 STYLES = ("completion", "harness")
 SPLIT_TYPES = ("indomain", "zeroshot")
+UNKNOWN_SPLIT_TYPE = "unknown"  # rows of copies that dropped the field: counted in the overall accuracy only
 STRING_FIELDS = ("activity_label", "ctx_a", "ctx_b", "ctx", "split_type")
 
 
@@ -135,6 +136,8 @@ def load_rows(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
 def validate_row(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "context" in row and "ctx" not in row:
+        row = context_schema_row(row, where)
     for key in (*STRING_FIELDS, "endings", "label"):
         if key not in row:
             raise UserError(f"{where}: missing field '{key}'")
@@ -150,9 +153,21 @@ def validate_row(row, where: str) -> dict:
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
         raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {row['label']!r}")
-    if row["split_type"] not in SPLIT_TYPES:
+    if row["split_type"] not in (*SPLIT_TYPES, UNKNOWN_SPLIT_TYPE):
         raise UserError(f"{where}: split_type must be one of {', '.join(SPLIT_TYPES)}, got {row['split_type']!r}")
     return {**row, "label": label}
+
+
+def context_schema_row(row: dict, where: str) -> dict:
+    """A row of the copies that ship one `context` string (with `endings`, `label`, `activity_label`) in
+    the original schema. The context stands whole as ctx_a with an empty ctx_b: the completion style
+    scores it exactly as the original row; the harness style cannot capitalize the ctx_b it lost (in
+    ActivityNet rows its first word stays lower case; WikiHow rows, whose ctx_b is empty, come out exact).
+    Without a split_type the row counts in the overall accuracy only."""
+    if not isinstance(row["context"], str):
+        raise UserError(f"{where}: field 'context' must be a string")
+    return {"split_type": UNKNOWN_SPLIT_TYPE, **row,
+            "ctx_a": row["context"], "ctx_b": "", "ctx": row["context"]}
 
 
 # -----------------------------------------------------------------------------
@@ -311,7 +326,8 @@ def evaluate(model, rows: list[dict], rt=None, style: str = "both", batch_size: 
             pred, pred_norm = predictions(sums, n_tokens, norms)
             labels = torch.tensor([ex.label for ex in examples])
             for ex, ok, ok_norm in zip(examples, pred == labels, pred_norm == labels):
-                for g in (0, 1 + SPLIT_TYPES.index(ex.split_type)):
+                groups = (0,) if ex.split_type == UNKNOWN_SPLIT_TYPE else (0, 1 + SPLIT_TYPES.index(ex.split_type))
+                for g in groups:
                     counts[s, g] += torch.tensor([int(ok), int(ok_norm), 1])
     finally:
         base.train(was_training)

@@ -1,5 +1,6 @@
 """Shared test setup: CPU only, offline, project root importable."""
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two workers share the machine's cores: one thread each (scripts the tests start inherit it), so that
+    # neither worker's OpenMP threads spin against the other's
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import fineweb  # noqa: E402  (the environment above is set before any project module loads)
 import ppo  # noqa: E402
@@ -21,6 +26,31 @@ import sft  # noqa: E402
 import synthetic  # noqa: E402
 from common import config_from  # noqa: E402
 from model import GPTConfig  # noqa: E402
+
+
+# The suite runs on two pytest-xdist workers (pytest.ini: -n 2 --dist loadgroup --no-loadscope-reorder). The
+# generated world's trained chain (below) is the longest job, so its tests form two groups, each on one worker:
+# those that need the reward model or PPO go first (their worker trains the whole chain), those that need only
+# the pretrained or SFT model go last (by then the other worker has run every other file, and the chain's first
+# links it shares, built once for both workers, are ready or nearly so). The other tests stay together by file,
+# so that a file's module fixtures are built once.
+LATE_CHAIN = {"small_rm_ckpt", "small_ppo_run"}
+EARLY_CHAIN = {"small_pretrain_ckpt", "small_sft_ckpt"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
+def pytest_collection_modifyitems(config, items):
+    def group(item) -> tuple[int, str]:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & LATE_CHAIN:
+            return 0, "chain-rm-ppo"
+        if names & EARLY_CHAIN:
+            return 2, "chain-pretrain-sft"
+        return 1, item.nodeid.split("::")[0]
+
+    items.sort(key=lambda item: group(item)[0])  # stable: the order within each part is kept
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)[1]))
 
 
 @pytest.fixture
@@ -78,14 +108,29 @@ def run_script(args, cwd=None, env=None, timeout=300):
 # The session fixtures below are the generated world's test chain, trained once per session and shared by
 # every stage's tests: data -> pretrain -> SFT -> reward model -> PPO.
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `name`, filled by build(folder) once per test session for all xdist workers: the first
+    worker to need it builds it under a file lock, the others wait for it and reuse it."""
+    import fcntl
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, shared by workers
+    out = root / "shared" / name
+    out.parent.mkdir(exist_ok=True)
+    with open(out.parent / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / ".built").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed halfway
+            out.mkdir()
+            build(out)
+            (out / ".built").touch()
+    return out
+
 # -----------------------------------------------------------------------------
 # The generated world every stage's tests train and evaluate on (written once per test session).
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_all(out, seed=0)
-    return out
+    return built_once(tmp_path_factory, "synthetic", lambda out: synthetic.write_all(out, seed=0))
 
 
 # -----------------------------------------------------------------------------
@@ -98,22 +143,20 @@ SMALL_STEPS = 300  # `small` steps (x 512 tokens, under two minutes): the model 
 @pytest.fixture(scope="session")
 def pretrain_shards(synthetic_dir, tmp_path_factory):
     """fineweb.py --preset small on the generated pretrain.jsonl: val_000000.npy + train shards."""
-    out = tmp_path_factory.mktemp("pretrain_shards")
-    cfg = config_from(fineweb.Config, fineweb.PRESETS, "small", input=[str(synthetic_dir / "pretrain.jsonl")],
-                      out_dir=str(out), workers=1)
-    fineweb.main(cfg)
-    return out
+    def build(out):
+        fineweb.main(config_from(fineweb.Config, fineweb.PRESETS, "small", input=[str(synthetic_dir / "pretrain.jsonl")],
+                                 out_dir=str(out), workers=1))
+    return built_once(tmp_path_factory, "pretrain_shards", build)
 
 
 @pytest.fixture(scope="session")
 def small_pretrain_ckpt(pretrain_shards, tmp_path_factory):
     """Path of a stage-"pretrain" checkpoint: pretrain.py --preset small for SMALL_STEPS steps."""
-    out = tmp_path_factory.mktemp("small_pretrain")
-    cfg = config_from(pretrain.Config, pretrain.PRESETS, "small", data_dir=str(pretrain_shards),
-                      max_steps=SMALL_STEPS, eval_every=0, save_every=0, hellaswag_path="", num_samples=0,
-                      ckpt=str(out / "pretrain.pt"), run_name=str(out / "run"))
-    pretrain.main(cfg)
-    return out / "pretrain.pt"
+    def build(out):
+        pretrain.main(config_from(pretrain.Config, pretrain.PRESETS, "small", data_dir=str(pretrain_shards),
+                                  max_steps=SMALL_STEPS, eval_every=0, save_every=0, hellaswag_path="", num_samples=0,
+                                  ckpt=str(out / "pretrain.pt"), run_name=str(out / "run")))
+    return built_once(tmp_path_factory, "small_pretrain", build) / "pretrain.pt"
 
 
 # -----------------------------------------------------------------------------
@@ -126,12 +169,11 @@ SFT_STEPS = 100  # `small` steps (x 16 examples, half an epoch): greedy summarie
 @pytest.fixture(scope="session")
 def small_sft_ckpt(small_pretrain_ckpt, synthetic_dir, tmp_path_factory):
     """Path of a stage-"sft" checkpoint (best_sft.pt): sft.py --preset small for SFT_STEPS steps."""
-    out = tmp_path_factory.mktemp("small_sft")
-    cfg = config_from(sft.Config, sft.PRESETS, "small", init=str(small_pretrain_ckpt), data=str(synthetic_dir / "tldr"),
-                      max_steps=SFT_STEPS, eval_every=0, val_examples=64, num_samples=0, ckpt_dir=str(out),
-                      run_name=str(out / "run"))
-    sft.main(cfg)
-    return out / "best_sft.pt"
+    def build(out):
+        sft.main(config_from(sft.Config, sft.PRESETS, "small", init=str(small_pretrain_ckpt),
+                             data=str(synthetic_dir / "tldr"), max_steps=SFT_STEPS, eval_every=0, val_examples=64,
+                             num_samples=0, ckpt_dir=str(out), run_name=str(out / "run")))
+    return built_once(tmp_path_factory, "small_sft", build) / "best_sft.pt"
 
 
 # -----------------------------------------------------------------------------
