@@ -8,8 +8,8 @@ summed over the summary's tokens (its EOS included; prompt and padding count not
     sigmoid:  -log sigmoid(r(x, y_w) - r(x, y_l))            (DPO, eq. 7; with --label-smoothing e the conservative
                                                               cDPO: -(1-e) log s(.) - e log s(-.), for noisy labels)
     ipo:      (h - 1/(2 beta))^2, h = r(x,y_w)/beta - r(x,y_l)/beta   (IPO, Azar et al. 2023, eq. 17)
-The reference log-probs are computed once before training (the reference never changes), not by a second
-forward at every step. Every --eval-every steps on the validation pairs: loss, implicit reward accuracy
+The reference log-probs are computed once before training (the reference never changes; a run of part of an
+epoch computes them for that part only), not by a second forward at every step. Every --eval-every steps on the validation pairs: loss, implicit reward accuracy
 (r(chosen) > r(rejected)), chosen / rejected rewards and their margin; and greedy summaries of --kl-prompts
 held-out posts, their KL to the reference along the summary (the exact per-token KL summed over it) and, on the
 generated world, their gold score.
@@ -151,18 +151,34 @@ def pair_logprobs(scorer: PairLogprobs | torch.nn.Module, triples: list[tldr.Tri
 
 
 @torch.no_grad()
-def reference_logprobs(ref: GPT, triples: list[tldr.Triple], rt, batch_size: int) -> torch.Tensor:
-    """(N, 2) summed log-probs of every pair's chosen and rejected summary under the reference, computed
-    once: rank r scores triples[r::world_size] and the all-reduce fills in the rest."""
+def reference_logprobs(ref: GPT, triples: list[tldr.Triple], rt, batch_size: int,
+                       indices: list[int] | None = None) -> torch.Tensor:
+    """(N, 2) summed log-probs of the chosen and rejected summaries of the pairs at `indices` (all when None)
+    under the reference, computed once: rank r scores every world_size-th of them and the all-reduce fills in
+    the rest. The other rows are NaN, so that a pair used without its reference log-probs cannot pass unseen."""
+    indices = list(range(len(triples))) if indices is None else indices
     out = torch.zeros(len(triples), 2, dtype=torch.float64, device=rt.device)
-    mine = list(range(rt.rank, len(triples), rt.world_size))
+    mine = indices[rt.rank::rt.world_size]
     scorer = PairLogprobs(ref).eval()
     for start in range(0, len(mine), batch_size):
         rows = mine[start:start + batch_size]
         with rt.autocast():
             chosen, rejected = pair_logprobs(scorer, [triples[i] for i in rows], rt.device)
         out[rows] = torch.stack([chosen, rejected], 1).double()
-    return all_reduce_sum(out).float()
+    out = all_reduce_sum(out).float()
+    unscored = torch.ones(len(triples), dtype=torch.bool, device=out.device)
+    unscored[indices] = False
+    out[unscored] = float("nan")
+    return out
+
+
+def trained_pairs(n: int, seed: int, steps: int, batch_size: int) -> list[int]:
+    """The pairs a run of `steps` optimizer steps of `batch_size` pairs trains on, over all ranks: the start of
+    the pair sampler's stream (the same whether the run starts or resumes). A run of a fraction of an epoch
+    needs the reference log-probs of that fraction only."""
+    if steps * batch_size >= n:
+        return list(range(n))
+    return sorted(tldr.EpochSampler(n, seed).next_indices(steps * batch_size))
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +193,7 @@ class DPOData:
     ref_valid: torch.Tensor    # (N_valid, 2)
     held_out: list[tldr.Post]  # posts whose greedy summaries measure the KL to the reference
     sampler: tldr.EpochSampler
+    max_steps: int             # optimizer steps of the run (--max-steps, or --epochs over the train pairs)
 
 
 def load_data(cfg: Config, info: dict, ref: GPT, rt) -> DPOData:
@@ -187,11 +204,14 @@ def load_data(cfg: Config, info: dict, ref: GPT, rt) -> DPOData:
         valid = [valid[i] for i in sorted(torch.randperm(len(valid), generator=g)[:cfg.val_pairs].tolist())]
     held_out = list(dict.fromkeys(c.post for c in valid))[:cfg.kl_prompts]
     train_triples, valid_triples = tldr.encode_comparisons(train, info), tldr.encode_comparisons(valid, info)
-    print0(f"comparisons: {len(train_triples):,} train / {len(valid_triples):,} {cfg.val_split} pairs; reference "
-           f"log-probs computed once")
-    return DPOData(train_triples, valid_triples, reference_logprobs(ref, train_triples, rt, cfg.eval_batch),
+    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train_triples) / cfg.batch_size))
+    trained = trained_pairs(len(train_triples), cfg.seed, max_steps, cfg.batch_size)
+    print0(f"comparisons: {len(train_triples):,} train / {len(valid_triples):,} {cfg.val_split} pairs; the reference's "
+           f"log-probs of the {len(trained):,} train pairs of {max_steps} steps and of the {cfg.val_split} pairs, "
+           f"computed once")
+    return DPOData(train_triples, valid_triples, reference_logprobs(ref, train_triples, rt, cfg.eval_batch, trained),
                    reference_logprobs(ref, valid_triples, rt, cfg.eval_batch), held_out,
-                   tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size))
+                   tldr.EpochSampler(len(train_triples), cfg.seed, rt.rank, rt.world_size), max_steps)
 
 
 # -----------------------------------------------------------------------------
@@ -303,7 +323,7 @@ def main(cfg: Config) -> dict:
     data = load_data(cfg, info, ref, rt)
 
     # --- schedule
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(data.train) / cfg.batch_size))
+    max_steps = data.max_steps
     fresh = {"best_val_loss": float("inf"), "skipped_steps": 0}
     start_step, metrics = start_position(ckpt, optimizer, scaler, data.sampler, fresh)
     model = prepare_for_training(PairLogprobs(model), rt, use_compile(cfg, rt), dynamic=True)

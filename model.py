@@ -303,7 +303,11 @@ class GPT(nn.Module):
         The sampling settings may differ from row to row: temperature, top_k and top_p each take a number
         or a (B,) tensor (temperature 0: greedy; top_k 0 and top_p 1: off), and generator one
         torch.Generator or a list of one per row (None: the global RNG), so that a row samples exactly as
-        it would alone."""
+        it would alone.
+
+        Rows that have ended leave the batch once an eighth of it has ended (their keys and values dropped from
+        the cache), so that a batch of mixed lengths does not decode to its longest row at full width - unless
+        one torch.Generator serves every row, whose draws would then change with the batch's width."""
         B, T0 = idx.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(idx)
@@ -316,22 +320,37 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, mask[:, :T0], cache)[:, -1]                   # (B, C)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         greedy = greedy_rows(temperature, B, idx.device)                         # a bool or (B,)
+        rows = torch.arange(B, device=idx.device)  # the original row of each row still in the batch
+        settings = [temperature, top_k, top_p, generator, greedy]  # per-row ones shrink with the batch
+        can_drop = not isinstance(generator, torch.Generator)
         out_tokens, out_logprobs, out_mask = [], [], []
+
+        def full(values: torch.Tensor, fill) -> torch.Tensor:  # (B,) with `fill` at the rows that left
+            if len(rows) == B:
+                return values
+            return torch.full((B,), fill, dtype=values.dtype, device=values.device).index_copy(0, rows, values)
+
         for t in range(max_new_tokens):
-            logits = self.logits(x).float()                                       # (B, V)
+            logits = self.logits(x).float()                                       # (b, V), b <= B rows left
             if eos_id is not None and t < min_new_tokens:
                 logits[:, eos_id] = float("-inf")
-            tok, logp = choose_tokens(logits, temperature, top_k, top_p, generator, greedy)
+            tok, logp = choose_tokens(logits, *settings)
             tok_logp = logp.gather(-1, tok[:, None]).squeeze(-1)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            out_tokens.append(tok)
-            out_logprobs.append(torch.where(done, torch.zeros_like(tok_logp), tok_logp))
-            out_mask.append((~done).long())
+            out_tokens.append(full(tok, pad_id))
+            out_logprobs.append(full(torch.where(done, torch.zeros_like(tok_logp), tok_logp), 0.0))
+            out_mask.append(full((~done).long(), 0))
             if eos_id is not None:
                 done = done | (tok == eos_id)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             mask[:, T0 + t] = 1
+            if can_drop and 8 * int(done.sum()) >= len(done):
+                keep = (~done).nonzero().squeeze(1)
+                rows, tok, mask, next_pos, done = rows[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
+                cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]
+                settings = [s[keep] if torch.is_tensor(s) and s.dim() == 1 else
+                            [s[i] for i in keep.tolist()] if isinstance(s, list) else s for s in settings]
             x = self.hidden_states(tok[:, None], mask[:, :T0 + t + 1], cache, positions=next_pos)[:, -1]
             next_pos = next_pos + 1
         return torch.stack(out_tokens, 1), torch.stack(out_logprobs, 1), torch.stack(out_mask, 1)

@@ -87,7 +87,7 @@ PRESETS = {
     # small batches learn the most per token at this size (CPU time is the budget); block 256 leaves room
     # for the SFT prompts of the small TL;DR preset
     "small": dict(model="small", block_size=256, seq_len=128, total_batch_tokens=512, micro_batch=4, max_steps=700,
-                  warmup_steps=10, max_lr=2e-3, min_lr=2e-4, eval_every=100, val_tokens=8192, hellaswag_limit=300,
+                  warmup_steps=10, max_lr=2e-3, min_lr=2e-4, eval_every=100, val_tokens=8192, hellaswag_limit=150,
                   num_samples=2, sample_tokens=24, sample_prompt="My roommate keeps", save_every=100,
                   muon_momentum_warmup=50),
     "gpt2": {},

@@ -210,7 +210,7 @@ if [[ "$PRESET" == small ]]; then
   if ! finished comparisons "$COMPARISONS/manifest.json"; then
     args "${COMPARISONS_ARGS:-}"
     run_stage comparisons py "$ROOT/sample_comparisons.py" --policy best_sft.pt --ckpt-dir "$CKPT" --data "$SYN/tldr" \
-      --out "$COMPARISONS" --train-posts 1600 --valid-posts 400 --batch-size 128 "${_extra[@]}"
+      --out "$COMPARISONS" --train-posts 1600 --valid-posts 400 --samples-per-post 3 --batch-size 128 "${_extra[@]}"
   fi
 fi
 

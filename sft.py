@@ -78,7 +78,7 @@ PRESETS = {
                  warmup_steps=2, max_lr=2e-3, min_lr=2e-4, eval_every=4, val_examples=16, eval_batch=16,
                  num_samples=1),
     "small": dict(max_prompt_tokens=200, max_summary_tokens=53, batch_size=16, micro_batch=16, max_steps=150,
-                  warmup_steps=5, max_lr=3e-3, min_lr=3e-4, eval_every=25, val_examples=128, eval_batch=64,
+                  warmup_steps=5, max_lr=3e-3, min_lr=3e-4, eval_every=50, val_examples=128, eval_batch=64,
                   num_samples=2),
     "gpt2": {},
 }

@@ -14,7 +14,7 @@ import serve
 import summaries
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
-from common import UserError, config_from
+from common import UserError, compute_init, config_from
 from model import GPT, GPTConfig
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=80, max_summary_tokens=12)
@@ -123,6 +123,25 @@ def _tiny_cfg(setup, tmp_path, name="run", **overrides):
 
 def _records(run_dir, kind):
     return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_reference_log_probs_cover_exactly_the_pairs_the_run_trains_on():
+    # 2 ranks x 3 micro-batches of 4 = 24 pairs a step: what the samplers of the two ranks hand out over 5 steps
+    n, seed, steps, micro, accum, world = 200, 7, 5, 4, 3, 2
+    samplers = [tldr.EpochSampler(n, seed, rank, world) for rank in range(world)]
+    seen = {i for _ in range(steps * accum) for sampler in samplers for i in sampler.next_indices(micro)}
+    assert dpo.trained_pairs(n, seed, steps, micro * accum * world) == sorted(seen) and len(seen) == 120
+    assert dpo.trained_pairs(n, seed, 9, 24) == list(range(n))  # more than an epoch: every pair
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=16)).eval()
+    info = tldr.template_info(max_prompt_tokens=24, max_summary_tokens=8)
+    triples = tldr.encode_comparisons([tldr.Comparison(tldr.Post(f"post {i}", "t", "s"), f"good {i}", f"bad {i}")
+                                       for i in range(6)], info)
+    rt = compute_init(0, "cpu", "float32")
+    every = dpo.reference_logprobs(ref, triples, rt, batch_size=4)
+    some = dpo.reference_logprobs(ref, triples, rt, batch_size=4, indices=[1, 4])
+    assert torch.allclose(some[[1, 4]], every[[1, 4]], atol=1e-5) and torch.isnan(some[[0, 2, 3, 5]]).all()
+    assert torch.isfinite(every).all()
 
 
 def test_tiny_run_resumes_exactly_and_its_checkpoint_is_a_summarizer(tiny_setup, tmp_path):

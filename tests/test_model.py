@@ -235,6 +235,36 @@ def test_per_row_sampling_settings_equal_each_row_alone(tiny_config):
         torch.testing.assert_close(per_row[i], sampling_logprobs(logits[i:i + 1], temps[i], ks[i] or None, ps[i])[0])
 
 
+def test_rows_that_end_leave_the_batch_and_each_row_is_its_own_continuation(tiny_config):
+    """With EOS likely, rows end at different steps and leave the batch (its cache shrinks). Every row's
+    log-probs still equal a plain forward over that row alone, prompt and tokens (so the cache, positions and
+    masks of the rows left stay right), ended rows are padded and masked, and greedy rows equal themselves
+    alone."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config).eval()
+    with torch.no_grad():  # EOS's embedding along a constant part of the final hidden state: EOS is often likely
+        direction = torch.ones(tiny_config.n_embd) / tiny_config.n_embd ** 0.5
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[EOS_ID] = 8 * direction
+    rows = [_ids(1, 3 + i % 4, seed=40 + i)[0].tolist() for i in range(12)]
+    idx, mask = _left_pad(rows)
+    temps = [0.0 if i % 3 == 0 else 1.0 for i in range(12)]
+    tokens, logprobs, out_mask = model.generate(idx, mask, 24, torch.tensor(temps), eos_id=EOS_ID,
+                                                generator=[torch.Generator().manual_seed(i) for i in range(12)])
+    lengths = out_mask.sum(1).tolist()
+    assert len(set(lengths)) > 4 and 1 in lengths and 24 in lengths, lengths  # rows ended at many steps
+    for i, row in enumerate(rows):
+        n = lengths[i]
+        assert out_mask[i, :n].all() and (out_mask[i, n:] == 0).all() and (tokens[i, n:] == PAD_ID).all()
+        assert (tokens[i, :n - 1] != EOS_ID).all() and (n == 24 or tokens[i, n - 1] == EOS_ID)
+        with torch.no_grad():
+            logits = model(torch.tensor([row + tokens[i, :n].tolist()]))[0][0, len(row) - 1:-1]
+        expected = sampling_logprobs(logits, temps[i]).gather(-1, tokens[i, :n, None]).squeeze(-1)
+        torch.testing.assert_close(logprobs[i, :n], expected, atol=1e-4, rtol=0)
+        if temps[i] == 0:
+            assert tokens[i, :n].tolist() == model.generate(torch.tensor([row]), None, 24, 0.0)[0][0].tolist()
+
+
 def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config):
     """Continuous batching: rows of different lengths join a running decode at different steps and leave
     when their budget is spent; every row makes the tokens generate makes for it alone, greedy or sampled
