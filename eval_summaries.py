@@ -555,4 +555,4 @@ def _diff(record: dict, col: str, key: str) -> str:
 
 
 if __name__ == "__main__":
-    cli_main(main, Config, None)
+    cli_main(main, Config)

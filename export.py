@@ -324,4 +324,4 @@ def main(cfg: Config) -> Path:
 
 
 if __name__ == "__main__":
-    cli_main(main, Config, None)
+    cli_main(main, Config)

@@ -227,4 +227,4 @@ def main(cfg: Config) -> dict | None:
 
 
 if __name__ == "__main__":
-    cli_main(main, Config, None)
+    cli_main(main, Config)

@@ -81,6 +81,13 @@ def _label(ax, title: str, xlabel: str, ylabel: str | None, title_size: float | 
     ax.legend(fontsize=legend_size)
 
 
+def _save_panels(plt, fig, axes, titles: tuple[str, ...], xlabel: str, path: Path) -> Path:
+    """The three-panel figures (PPO, DPO): each panel titled, labelled small, then saved."""
+    for ax, title in zip(axes, titles):
+        _label(ax, title, xlabel, None, title_size=10, legend_size=7)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,9 +167,7 @@ def plot_ppo(logs: dict[str, list[dict]], path: Path) -> Path | None:
                 if s:
                     axes[2].plot(*zip(*s), style, ms=4, lw=1, color=color(c), label=p + label)
     titles = ("reward", "KL to the SFT reference (nats per response)", "gold score (greedy eval)")
-    for ax, title in zip(axes, titles):
-        _label(ax, title, "PPO step", None, title_size=10, legend_size=7)
-    return _save(plt, fig, path)
+    return _save_panels(plt, fig, axes, titles, "PPO step", path)
 
 
 def plot_dpo(logs: dict[str, list[dict]], path: Path) -> Path | None:
@@ -181,9 +186,7 @@ def plot_dpo(logs: dict[str, list[dict]], path: Path) -> Path | None:
                 axes[2].plot(*zip(*series(r, key)), "o-", ms=4, label=p + label)
     axes[0].axhline(0.5, color="gray", ls="--", lw=1, label="chance")
     titles = ("validation pairs: accuracy", "validation pairs: reward margin", "greedy summaries of held-out posts")
-    for ax, title in zip(axes, titles):
-        _label(ax, title, "DPO step", None, title_size=10, legend_size=7)
-    return _save(plt, fig, path)
+    return _save_panels(plt, fig, axes, titles, "DPO step", path)
 
 
 def plot_all(logs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
@@ -220,4 +223,4 @@ def main(cfg: Config) -> list[Path]:
 
 
 if __name__ == "__main__":
-    cli_main(main, Config, None)
+    cli_main(main, Config)

@@ -161,9 +161,8 @@ def collect(cfg: Config) -> dict:
 
     # PPO: the step-0 evaluation is the SFT policy; eval_* are greedy summaries of held-out posts
     ppo = logs["ppo"]
-    f["ppo_rm_score_first"], f["ppo_rm_score_last"] = first_last(ppo, "eval_rm_score")
-    f["ppo_kl_first"], f["ppo_kl_last"] = first_last(ppo, "eval_kl")
-    f["ppo_gold_first"], f["ppo_gold_last"] = first_last(ppo, "eval_gold")
+    for name, key in (("rm_score", "eval_rm_score"), ("kl", "eval_kl"), ("gold", "eval_gold")):
+        f[f"ppo_{name}_first"], f[f"ppo_{name}_last"] = first_last(ppo, key)
     f["ppo_sft_gold"], _ = first_last(ppo, "sft_gold")
     _, f["ppo_win_rate"] = first_last(ppo, "eval_win_rate")
     f["ppo_train_rm_score_first"], f["ppo_train_rm_score_last"] = first_last(ppo, "rm_score", "train")
@@ -173,10 +172,9 @@ def collect(cfg: Config) -> dict:
 
     # DPO: the step-0 evaluation is the SFT policy itself (implicit rewards 0, accuracy 50%)
     dpo = logs["dpo"]
-    f["dpo_val_accuracy_first"], f["dpo_val_accuracy_last"] = first_last(dpo, "val_accuracy")
-    f["dpo_val_margin_first"], f["dpo_val_margin_last"] = first_last(dpo, "val_margin")
-    f["dpo_kl_first"], f["dpo_kl_last"] = first_last(dpo, "kl_to_ref")
-    f["dpo_gold_first"], f["dpo_gold_last"] = first_last(dpo, "gold_score")
+    for name, key in (("val_accuracy", "val_accuracy"), ("val_margin", "val_margin"), ("kl", "kl_to_ref"),
+                      ("gold", "gold_score")):
+        f[f"dpo_{name}_first"], f[f"dpo_{name}_last"] = first_last(dpo, key)
     f["dpo_steps"] = max((r["step"] for r in dpo if "step" in r), default=None)
 
     # the evaluation stage: ROUGE, win rates, the gold score on the same test posts, the example
@@ -430,4 +428,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    cli_main(main, Config, None)
+    cli_main(main, Config)

@@ -105,6 +105,22 @@ def run_script(args, cwd=None, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def first_rows(src: Path, out: Path, rows: dict[str, int]) -> Path:
+    """out/ holding the first rows[split] lines of each src/{split}.jsonl: a small copy of a generated data set."""
+    out.mkdir(parents=True, exist_ok=True)
+    for split, n in rows.items():
+        lines = (src / f"{split}.jsonl").read_text().splitlines()[:n]
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def run_torchrun(script: str, flags: list, cwd=None, timeout: float = 300):
+    """A project script under `torchrun --standalone` with 2 gloo processes on the CPU, one thread each (two
+    processes of two threads on two cores would spin against each other); returns CompletedProcess."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / script, *flags],
+                      cwd=cwd, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+
+
 # The session fixtures below are the generated world's test chain, trained once per session and shared by
 # every stage's tests: data -> pretrain -> SFT -> reward model -> PPO.
 

@@ -15,6 +15,7 @@ import summaries
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError, compute_init, config_from
+from conftest import first_rows
 from model import GPT, GPTConfig
 
 TINY_INFO = tldr.template_info(max_prompt_tokens=80, max_summary_tokens=12)
@@ -107,11 +108,7 @@ def tiny_setup(synthetic_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo_tiny")
     save_checkpoint(out / "sft.pt", stage="sft", model=_tiny_lm(), tldr=TINY_INFO)
     save_checkpoint(out / "pretrain.pt", stage="pretrain", model=_tiny_lm())
-    comparisons = out / "comparisons"
-    comparisons.mkdir()
-    for split, n in (("train", 48), ("valid", 12)):
-        lines = (synthetic_dir / "comparisons" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (comparisons / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    first_rows(synthetic_dir / "comparisons", out / "comparisons", {"train": 48, "valid": 12})
     return out
 
 
@@ -196,11 +193,7 @@ def test_user_errors(tiny_setup, tmp_path):
 # learning on the generated world: the small SFT model on its variant comparisons
 
 def test_dpo_learns_the_preferences_of_the_generated_world(small_sft_ckpt, synthetic_dir, tmp_path):
-    comparisons = tmp_path / "comparisons"
-    comparisons.mkdir()
-    for split, n in (("train", 320), ("valid", 128)):
-        lines = (synthetic_dir / "comparisons" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (comparisons / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    comparisons = first_rows(synthetic_dir / "comparisons", tmp_path / "comparisons", {"train": 320, "valid": 128})
     cfg = config_from(dpo.Config, dpo.PRESETS, "small", sft=str(small_sft_ckpt), comparisons=str(comparisons),
                       max_steps=10, warmup_steps=2, eval_every=5, kl_prompts=4, ckpt_dir=str(tmp_path),
                       run_name=str(tmp_path / "run"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError
-from conftest import ROOT, run_script, unigram_gpt as rigged_gpt
+from conftest import run_script, run_torchrun, unigram_gpt as rigged_gpt
 from hellaswag import (encode_row, ensure_hellaswag, evaluate, harness_preprocess, harness_texts, load_rows,
                        score_endings, validate_row)
 from model import GPT, TOKENIZER_VOCAB, GPTConfig, build_model
@@ -258,9 +258,8 @@ def test_cli_and_two_process_torchrun_give_the_same_counts(tmp_path, tiny_config
     assert record["results"] == expected and record["rows"] == 11
 
     out = tmp_path / "ddp.json"
-    ddp = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "hellaswag.py",
-                      "--ckpt", "tiny.pt", "--ckpt-dir", ckpt.parent, "--data-dir", data, "--batch-size", "4",
-                      "--device", "cpu", "--out", out], env={"OMP_NUM_THREADS": "1"}, timeout=240)
+    ddp = run_torchrun("hellaswag.py", ["--ckpt", "tiny.pt", "--ckpt-dir", ckpt.parent, "--data-dir", data,
+                                        "--batch-size", "4", "--device", "cpu", "--out", out], timeout=240)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["world_size"] == 2 and record["step"] == 7 and record["stage"] == "pretrain"

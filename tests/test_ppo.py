@@ -15,7 +15,7 @@ import rollouts
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError, compute_init, config_from
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, run_torchrun
 from model import EOS_ID, GPT, GPTConfig, PAD_ID, ScoreModel, build_model, left_pad
 from summaries import generate_summaries, gold_scores
 
@@ -260,8 +260,7 @@ def test_two_process_torchrun(tiny_ckpts, synthetic_dir, tmp_path):
     flags = ["--preset", "tiny", "--sft", tiny_ckpts / "sft.pt", "--rm", tiny_ckpts / "rm.pt", "--data",
              synthetic_dir / "tldr", "--ckpt-dir", tmp_path, "--run-name", tmp_path / "run", "--max-steps", "2",
              "--eval-prompts", "4", "--eval-every", "0", "--sample-every", "0"]
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "ppo.py", *flags],
-                   env={"OMP_NUM_THREADS": "1"})
+    r = run_torchrun("ppo.py", flags)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
     records = _train_records(tmp_path / "run")

@@ -13,7 +13,7 @@ import pretrain
 from checkpoints import load_checkpoint, save_checkpoint
 from common import Runtime, UserError, config_from, mfu
 from training import lr_at, optimizer_step
-from conftest import ROOT, run_script, skip_without_cpu_fp16
+from conftest import ROOT, run_script, run_torchrun, skip_without_cpu_fp16
 from model import GPT, GPTConfig, build_model
 
 
@@ -83,8 +83,7 @@ def test_torchrun_two_processes_match_one(pretrain_shards, tmp_path, optimizer):
              "--run-name", tmp_path / "ddp", "--max-steps", 4, "--warmup-steps", 2, "--eval-every", 0,
              "--num-samples", 0, "--micro-batch", 4, "--total-batch-tokens", 256, "--optimizer", optimizer,
              "--muon-momentum-warmup", 4]
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "pretrain.py", *flags],
-                   cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    r = run_torchrun("pretrain.py", flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu" in r.stdout and "x 2 rank(s) x 1 accumulation step(s)" in r.stdout
     one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")

@@ -14,7 +14,7 @@ import synthetic
 import tldr
 from checkpoints import load_checkpoint, load_reward_model, save_checkpoint
 from common import UserError, cli_main, config_from
-from conftest import ROOT, run_script, skip_without_cpu_fp16
+from conftest import run_script, run_torchrun, skip_without_cpu_fp16
 from model import GPT, GPTConfig, ScoreModel, TOKENIZER_VOCAB, left_pad, right_pad
 from summaries import score_texts, score_tokens
 
@@ -253,8 +253,7 @@ def test_torchrun_two_processes_match_one(tiny, tmp_path):
     flags = ["--preset", "tiny", "--init", tiny / "sft.pt", "--data", tiny / "comparisons", "--sft-data", tiny / "tldr",
              "--ckpt-dir", tmp_path / "two", "--run-name", tmp_path / "two" / "run", "--max-steps", 4,
              "--eval-every", 2, "--save-every", 0]
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "reward_model.py",
-                    *flags], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    r = run_torchrun("reward_model.py", flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu" in r.stdout and "4 x 2 rank(s) x 1 accumulation step(s)" in r.stdout
     one, two = records(tmp_path / "one" / "run", "train"), records(tmp_path / "two" / "run", "train")

@@ -10,7 +10,7 @@ import sft
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
 from common import cli_main, compute_init, config_from
-from conftest import ROOT, run_script
+from conftest import ROOT, first_rows, run_script, run_torchrun
 from model import GPT, ScoreModel, build_model, model_config
 from summaries import generate_summaries, mean_gold_score
 
@@ -27,11 +27,7 @@ def tiny_init(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_data(synthetic_dir, tmp_path_factory):
     """The first 256 train and 32 valid posts of the generated TL;DR set: enough for tiny runs, quick to load."""
-    out = tmp_path_factory.mktemp("tiny_tldr")
-    for split, n in (("train", 256), ("valid", 32)):
-        lines = (synthetic_dir / "tldr" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return out
+    return first_rows(synthetic_dir / "tldr", tmp_path_factory.mktemp("tiny_tldr"), {"train": 256, "valid": 32})
 
 
 def tiny_cfg(init, data, out, **overrides):
@@ -122,8 +118,7 @@ def test_two_process_ddp_matches_one_process(tiny_init, tiny_data, tmp_path):
     flags = ["--preset", "tiny", "--init", tiny_init, "--data", tiny_data, "--ckpt-dir", two,
              "--run-name", two / "run", "--max-steps", 3, "--batch-size", 8, "--micro-batch", 2, "--eval-every", 0,
              "--num-samples", 0]
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / "sft.py", *flags],
-                   cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    r = run_torchrun("sft.py", flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu" in r.stdout and "x 2 rank(s) x 2 accumulation step(s)" in r.stdout
     # same examples, same math; only the order of float sums differs. A per-micro-batch mean (instead
