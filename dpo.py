@@ -9,8 +9,9 @@ summed over the summary's tokens (its EOS included; prompt and padding count not
                                                               cDPO: -(1-e) log s(.) - e log s(-.), for noisy labels)
     ipo:      (h - 1/(2 beta))^2, h = r(x,y_w)/beta - r(x,y_l)/beta   (IPO, Azar et al. 2023, eq. 17)
 The reference log-probs are computed once before training (the reference never changes; a run of part of an
-epoch computes them for that part only), not by a second forward at every step. Every --eval-every steps on the validation pairs: loss, implicit reward accuracy
-(r(chosen) > r(rejected)), chosen / rejected rewards and their margin; and greedy summaries of --kl-prompts
+epoch computes them for that part only), not by a second forward at every step. Every --eval-every steps on the
+validation pairs: loss, implicit reward accuracy (r(chosen) > r(rejected)), chosen / rejected rewards and their
+margin; and greedy summaries of --kl-prompts
 held-out posts, their KL to the reference along the summary (the exact per-token KL summed over it) and, on the
 generated world, their gold score.
 

@@ -22,7 +22,6 @@ On a machine without a CUDA GPU it says so and exits 0 without measuring anythin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import tempfile
 import time

@@ -16,7 +16,6 @@ import fineweb
 import hellaswag as hs
 import pretrain
 import serve
-import sft
 import tldr
 from checkpoints import load_checkpoint, load_lm, save_checkpoint
 from common import config_from
