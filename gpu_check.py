@@ -99,10 +99,10 @@ def peak_memory_by_micro_batch(model_name: str, seq_len: int, micro_batches: lis
     return {"seq_len": seq_len, "limit_gb": limit_gb, "peak_gb": rows, "largest_micro_batch": largest}
 
 
-def pretraining_run(preset: str, steps: int, device: torch.device, compile_model: bool, work: Path) -> dict:
-    """pretrain.py (its main, as the command runs it) for `steps` steps on the generated world's documents,
-    with the preset's model and batch, autocast by --dtype auto and torch.compile on a GPU."""
-    synthetic.write_all(work / "world", seed=0, **synthetic.PRESETS["tiny" if preset == "tiny" else "small"])
+def pretraining_config(preset: str, steps: int, device: torch.device, compile_model: bool, work: Path) -> pretrain.Config:
+    """pretrain.py's Config for the check's run on the generated world's documents (written and tokenized into
+    work/): the preset's model and batch, autocast by --dtype auto, torch.compile as asked."""
+    synthetic.write_all(work / "world", seed=0, **synthetic.PRESETS["tiny" if preset == "tiny" else "demo"])
     fineweb.main(fineweb.Config(input=[str(work / "world" / "pretrain.jsonl")], out_dir=str(work / "shards"),
                                 shard_tokens=2048 if preset == "tiny" else 100_000, workers=1))  # some train shards
     overrides = dict(data_dir=str(work / "shards"), max_steps=steps, warmup_steps=min(20, steps // 4 + 1),
@@ -110,14 +110,20 @@ def pretraining_run(preset: str, steps: int, device: torch.device, compile_model
                      run_name=str(work / "run"), device=str(device.type), compile=compile_model)
     if preset == "gpt2":  # a 64k-token step: 200 of them in a minute or two, long enough to see a divergence
         overrides.update(micro_batch=16, total_batch_tokens=16 * 1024 * 4, seq_len=1024)
+    return config_from(pretrain.Config, pretrain.PRESETS, preset, **overrides)
+
+
+def pretraining_run(cfg: pretrain.Config) -> dict:
+    """pretrain.py (its main, as the command runs it): the mean loss of the first and the last tenth of the
+    run, whether it fell and stayed finite."""
     t0 = time.perf_counter()
-    pretrain.main(config_from(pretrain.Config, pretrain.PRESETS, preset, **overrides))
+    pretrain.main(cfg)
     seconds = time.perf_counter() - t0
-    losses = [r["loss"] for r in read_log(work / "run" / "log.jsonl") if r["kind"] == "train"]
+    losses = [r["loss"] for r in read_log(Path(cfg.run_name) / "log.jsonl") if r["kind"] == "train"]
     k = max(1, len(losses) // 10)  # the first and the last tenth of the run
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
     return {"steps": len(losses), "seconds": seconds, "loss_first": first, "loss_last": last,
-            "finite": all(math.isfinite(v) for v in losses), "fell": last < first, "compile": compile_model}
+            "finite": all(math.isfinite(v) for v in losses), "fell": last < first, "compile": bool(cfg.compile)}
 
 
 # -----------------------------------------------------------------------------
@@ -206,9 +212,9 @@ def main(cfg: Config) -> dict | None:
                 torch.cuda.empty_cache()
     print0("gpu_check: pretraining run ...")
     with tempfile.TemporaryDirectory() as work:
-        results["pretrain_run"] = pretraining_run(dry.get("pretrain_preset", "gpt2"),
-                                                  dry.get("pretrain_steps", cfg.pretrain_steps), device,
-                                                  compile_model=not cfg.dry_run, work=Path(work))
+        results["pretrain_run"] = pretraining_run(pretraining_config(
+            dry.get("pretrain_preset", "gpt2"), dry.get("pretrain_steps", cfg.pretrain_steps), device,
+            compile_model=not cfg.dry_run, work=Path(work)))
     results["seconds"] = time.perf_counter() - t_start
 
     # --- report

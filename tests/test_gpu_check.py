@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gpu_check
+import pretrain
 from conftest import ROOT, run_script
 
 
@@ -28,6 +29,17 @@ def test_dry_run_measures_every_part_and_appends_nothing(tmp_path):
                 "serve.py requests/s at 2 clients", "largest fp16 micro-batch under 16 GB", "pretrain.py 5 steps"):
         assert row in table
     assert not benchmarks.exists()
+
+
+def test_the_gpu_runs_pretraining_config_is_valid_and_its_data_has_train_shards(tmp_path):
+    """What only the GPU run builds, checked on the CPU without training: the 124M pretraining run's Config (as
+    pretrain.py checks it) and its generated-world shards."""
+    cfg = gpu_check.pretraining_config("gpt2", 200, torch.device("cuda"), True, tmp_path)
+    pretrain.check_config(cfg)
+    assert (cfg.model, cfg.seq_len, cfg.micro_batch, cfg.total_batch_tokens, cfg.max_steps) == ("gpt2", 1024, 16, 65536, 200)
+    assert cfg.compile and cfg.device == "cuda" and cfg.dtype == "auto" and cfg.warmup_steps == 20
+    shards = sorted(p.name for p in (tmp_path / "shards").glob("*.npy"))
+    assert "val_000000.npy" in shards and len(shards) >= 3  # a validation shard and train shards
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the real check would run")
