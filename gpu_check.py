@@ -56,10 +56,19 @@ class Config:
     seed: int = 0
 
 
-# what changes for --dry-run: the tiny model, a few tokens, fp32 only, seconds on a CPU
-DRY_RUN = dict(model="tiny", batch_size=2, seq_len=32, variants=["fp32"], repeats=1, micro_batches=[1, 2],
-               gen_batch_sizes=[1], gen_tokens=8, prompt_len=8, hellaswag_rows=8, hellaswag_batch=4,
-               serve_clients=[2], serve_requests=4, serve_tokens=8, pretrain_steps=5, pretrain_preset="tiny")
+def settings(cfg: Config) -> dict:
+    """What the check runs: bench.py's Config fields for its sections, plus the micro-batches of the memory probe
+    and the pretraining run's preset and steps. --dry-run: the tiny model, a few tokens, fp32 only, seconds on
+    a CPU."""
+    gpu = dict(model="gpt2", batch_size=cfg.batch_size, seq_len=cfg.seq_len, variants=["bf16+compile", "fp16", "fp32"],
+               gen_batch_sizes=[1, 32], gen_tokens=128, prompt_len=32, hellaswag_rows=256, hellaswag_batch=64,
+               serve_clients=[cfg.serve_clients], serve_requests=2 * cfg.serve_clients, serve_tokens=53, repeats=3,
+               micro_batches=[2 ** i for i in range(cfg.max_micro_batch.bit_length())],
+               pretrain_preset="gpt2", pretrain_steps=cfg.pretrain_steps)
+    dry_run = dict(model="tiny", batch_size=2, seq_len=32, variants=["fp32"], gen_batch_sizes=[1], gen_tokens=8,
+                   prompt_len=8, hellaswag_rows=8, hellaswag_batch=4, serve_clients=[2], serve_requests=4,
+                   serve_tokens=8, repeats=1, micro_batches=[1, 2], pretrain_preset="tiny", pretrain_steps=5)
+    return {**gpu, **(dry_run if cfg.dry_run else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -171,19 +180,11 @@ def main(cfg: Config) -> dict | None:
         return None
     if min(cfg.batch_size, cfg.seq_len, cfg.max_micro_batch, cfg.pretrain_steps, cfg.serve_clients) < 1:
         raise UserError("--batch-size, --seq-len, --max-micro-batch, --pretrain-steps and --serve-clients must be positive")
-    dry = DRY_RUN if cfg.dry_run else {}
+    run = settings(cfg)
     device = torch.device("cpu" if cfg.dry_run else "cuda")
-    micro_batches = dry.get("micro_batches") or [2 ** i for i in range(cfg.max_micro_batch.bit_length())
-                                                 if 2 ** i <= cfg.max_micro_batch]
-    bench_cfg = bench.Config(
-        preset="gpu-check", model=dry.get("model", "gpt2"), batch_size=dry.get("batch_size", cfg.batch_size),
-        seq_len=dry.get("seq_len", cfg.seq_len), variants=dry.get("variants", ["bf16+compile", "fp16", "fp32"]),
-        gen_batch_sizes=dry.get("gen_batch_sizes", [1, 32]), gen_tokens=dry.get("gen_tokens", 128),
-        prompt_len=dry.get("prompt_len", 32), no_cache_max_batch=0, hellaswag_rows=dry.get("hellaswag_rows", 256),
-        hellaswag_batch=dry.get("hellaswag_batch", 64), serve_clients=dry.get("serve_clients", [cfg.serve_clients]),
-        serve_requests=dry.get("serve_requests", 2 * cfg.serve_clients), serve_rounds=1,
-        serve_tokens=dry.get("serve_tokens", 53), repeats=dry.get("repeats", 3), warmup=1, device=str(device),
-        seed=cfg.seed)
+    bench_fields = {f.name for f in dataclasses.fields(bench.Config)}
+    bench_cfg = bench.Config(preset="gpu-check", no_cache_max_batch=0, serve_rounds=1, warmup=1, device=str(device),
+                             seed=cfg.seed, **{k: v for k, v in run.items() if k in bench_fields})
     out = Path(cfg.out or f"runs/bench/gpu-check-{'dry-run' if cfg.dry_run else 'cuda'}.json")
 
     # --- models: ours at random init and transformers' GPT-2 with the same weights
@@ -193,28 +194,26 @@ def main(cfg: Config) -> dict | None:
     ours, hf = bench.twin_models(bench_cfg, rt.device)
     results = {"machine": bench.machine_info(rt.device), "dry_run": cfg.dry_run, "config": dataclasses.asdict(cfg)}
 
-    # --- measurements
+    # --- measurements: bench.py's sections, then (the GPU to themselves) the memory probe and the pretraining run
     t_start = time.perf_counter()
-    parts = [("train", lambda: bench.bench_train(bench_cfg, ours, hf, rt)),
-             ("generate", lambda: bench.bench_generate(bench_cfg, ours, hf, rt)),
-             ("hellaswag", lambda: bench.bench_hellaswag(bench_cfg, ours, rt)),
-             ("serve", lambda: bench.bench_serve(bench_cfg, ours, rt)),
-             ("memory", lambda: peak_memory_by_micro_batch(bench_cfg.model, bench_cfg.seq_len, micro_batches,
-                                                           cfg.memory_limit_gb, rt.device))]
-    for name, measure in parts:
+    sections = {"train": lambda: bench.bench_train(bench_cfg, ours, hf, rt),
+                "generate": lambda: bench.bench_generate(bench_cfg, ours, hf, rt),
+                "hellaswag": lambda: bench.bench_hellaswag(bench_cfg, ours, rt),
+                "serve": lambda: bench.bench_serve(bench_cfg, ours, rt)}
+    for name, measure in sections.items():
         print0(f"gpu_check: {name} ...")
         t0 = time.perf_counter()
-        results[name] = measure()
-        results[name]["section_seconds"] = time.perf_counter() - t0
-        if name == "serve":
-            del ours, hf  # the memory probe and the pretraining run want the GPU to themselves
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        results[name] = {**measure(), "section_seconds": time.perf_counter() - t0}
+    del sections, ours, hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print0("gpu_check: memory ...")
+    results["memory"] = peak_memory_by_micro_batch(bench_cfg.model, bench_cfg.seq_len, run["micro_batches"],
+                                                   cfg.memory_limit_gb, rt.device)
     print0("gpu_check: pretraining run ...")
     with tempfile.TemporaryDirectory() as work:
         results["pretrain_run"] = pretraining_run(pretraining_config(
-            dry.get("pretrain_preset", "gpt2"), dry.get("pretrain_steps", cfg.pretrain_steps), device,
-            compile_model=not cfg.dry_run, work=Path(work)))
+            run["pretrain_preset"], run["pretrain_steps"], device, compile_model=not cfg.dry_run, work=Path(work)))
     results["seconds"] = time.perf_counter() - t_start
 
     # --- report

@@ -136,8 +136,9 @@ def load_rows(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
 def validate_row(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    split_types = SPLIT_TYPES
     if "context" in row and "ctx" not in row:
-        row = context_schema_row(row, where)
+        row, split_types = context_schema_row(row, where), (*SPLIT_TYPES, UNKNOWN_SPLIT_TYPE)
     for key in (*STRING_FIELDS, "endings", "label"):
         if key not in row:
             raise UserError(f"{where}: missing field '{key}'")
@@ -153,8 +154,8 @@ def validate_row(row, where: str) -> dict:
         label = int(label)
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < 4:
         raise UserError(f"{where}: label must be 0, 1, 2 or 3, got {row['label']!r}")
-    if row["split_type"] not in (*SPLIT_TYPES, UNKNOWN_SPLIT_TYPE):
-        raise UserError(f"{where}: split_type must be one of {', '.join(SPLIT_TYPES)}, got {row['split_type']!r}")
+    if row["split_type"] not in split_types:
+        raise UserError(f"{where}: split_type must be one of {', '.join(split_types)}, got {row['split_type']!r}")
     return {**row, "label": label}
 
 

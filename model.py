@@ -342,10 +342,11 @@ class GPT(nn.Module):
             out_mask.append(full((~done).long(), 0))
             if eos_id is not None:
                 done = done | (tok == eos_id)
-            if bool(done.all()) or t == max_new_tokens - 1:
+            ended = int(done.sum())  # the step's one host sync
+            if ended == len(done) or t == max_new_tokens - 1:
                 break
             mask[:, T0 + t] = 1
-            if can_drop and 8 * int(done.sum()) >= len(done):
+            if can_drop and 8 * ended >= len(done):
                 keep = (~done).nonzero().squeeze(1)
                 rows, tok, mask, next_pos, done = rows[keep], tok[keep], mask[keep], next_pos[keep], done[keep]
                 cache.k, cache.v = cache.k[:, keep], cache.v[:, keep]

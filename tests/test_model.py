@@ -249,10 +249,20 @@ def test_rows_that_end_leave_the_batch_and_each_row_is_its_own_continuation(tiny
     rows = [_ids(1, 3 + i % 4, seed=40 + i)[0].tolist() for i in range(12)]
     idx, mask = _left_pad(rows)
     temps = [0.0 if i % 3 == 0 else 1.0 for i in range(12)]
+    widths, project = [], model.logits
+    model.logits = lambda x: widths.append(x.shape[0]) or project(x)  # the rows decoded at each step
     tokens, logprobs, out_mask = model.generate(idx, mask, 24, torch.tensor(temps), eos_id=EOS_ID,
                                                 generator=[torch.Generator().manual_seed(i) for i in range(12)])
+    shared_widths = []
+    model.logits = lambda x: shared_widths.append(x.shape[0]) or project(x)
+    model.generate(idx, mask, 24, torch.tensor(temps), eos_id=EOS_ID, generator=torch.Generator().manual_seed(0))
+    del model.logits
     lengths = out_mask.sum(1).tolist()
     assert len(set(lengths)) > 4 and 1 in lengths and 24 in lengths, lengths  # rows ended at many steps
+    # the batch narrows as rows end (never below the rows still running), and one shared generator keeps it whole
+    running = [sum(n > t for n in lengths) for t in range(len(widths))]
+    assert widths[0] == 12 and widths[-1] < 12 and all(r <= w for r, w in zip(running, widths)), (widths, running)
+    assert set(shared_widths) == {12}
     for i, row in enumerate(rows):
         n = lengths[i]
         assert out_mask[i, :n].all() and (out_mask[i, n:] == 0).all() and (tokens[i, n:] == PAD_ID).all()
