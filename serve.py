@@ -1,4 +1,4 @@
-"""Serve the summarizer: a web page, a JSON + Server-Sent-Events API and an OpenAI-compatible endpoint.
+"""Serve the summarizer: a web page, a JSON + Server-Sent-Events API and an OpenAI-compatible API.
 
     python serve.py --ckpt-dir checkpoints/small                 # ppo_latest.pt, dpo_latest.pt and best_sft.pt of the folder
     python serve.py --ckpt checkpoints/gpt2/ppo_latest.pt --ckpt checkpoints/gpt2/best_sft.pt --port 8080
@@ -9,37 +9,42 @@ then open http://127.0.0.1:8000/ or call the API:
     curl -s localhost:8000/api/summarize -H 'content-type: application/json' -d '{"post": "My roommate ..."}'
     curl -sN localhost:8000/api/summarize -H 'content-type: application/json' -d '{"post": "...", "stream": true}'
     python -c "import openai; c = openai.OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none');
-               print(c.completions.create(model='ppo_latest', prompt='My roommate ...', temperature=0).choices[0].text)"
+               print(c.chat.completions.create(model='ppo_latest', messages=[{'role': 'user', 'content': 'My roommate ...'}]).choices[0].message.content)"
 
-Every checkpoint is loaded once, at start-up. A post becomes the prompt exactly as in summarize.py
-(`summarize.Summarizer`: the checkpoint's own template and budgets). Generation runs in one worker thread per
-model, off the event loop, with continuous batching (`model.BatchDecoder`): a request for a model that is busy
-joins the rows being decoded at the next step instead of waiting for them to end, each row with its own
-temperature, top-k, top-p and seed, so that a row gives what it would alone; a client that goes away
-mid-stream has its row stopped.
+The server answers at once and loads every checkpoint beside it (`/health` is 503 until they are loaded and
+warmed up). A post becomes the prompt exactly as in summarize.py (`summaries.Summarizer`: the checkpoint's own
+template and budgets). Generation runs in one worker thread per model, off the event loop, with continuous
+batching (`model.BatchDecoder`): a request for a model that is busy joins the rows being decoded at the next
+step instead of waiting for them to end, each row with its own sampling settings and seed, so that a row gives
+what it would alone; a client that goes away mid-stream has its row stopped.
 
-Endpoints: `GET /` (the page), `POST /api/summarize`, `GET /api/models`, `GET /health`, `GET /api/report`
-(the run's report.md and plots), `POST /v1/completions` and `GET /v1/models` (OpenAI's schema).
-Bad input gets a JSON error `{"error": {"message", "type", "param"}}` with status 400 (not UTF-8 JSON, nested
-too deeply, or a Host name not allowed), 404 (unknown model), 413 (post over --max-post-chars), 415 (a body not
-sent as application/json) or 422 (a value out of range); never a traceback. A request that fails while being
-decoded ends alone (500), the requests batched with it go on.
+Endpoints (docs/serving.md): `GET /` (the page), `POST /api/summarize`, `GET /api/models`, `GET /health`,
+`GET /api/report`; OpenAI's `GET /v1/models`, `POST /v1/completions` (raw text, token ids and batches, echo and
+log-probs; `"template": true` for a post), `POST /v1/chat/completions`; vLLM's `POST /tokenize` and
+`POST /detokenize`; `GET /metrics` (Prometheus). Every response carries an X-Request-Id and every request leaves
+one access line in the log. Bad input gets a JSON error `{"error": {"message", "type", "param", "code"}}`:
+400 (what a client must fix on the OpenAI routes; on the native API, a body that is not UTF-8 JSON or a Host name
+not allowed), 404, 413, 415, 422 (the native API's values out of range), 503 while loading; never a traceback.
+A request that fails while being decoded ends alone (500), the requests batched with it go on.
 """
 from __future__ import annotations
 
 import dataclasses
 import socket
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from checkpoints import resolve_ckpt
-from common import UserError, cli_main, compute_init
+import tldr
+from common import UserError, cli_main, compute_init, first_line
 from serving.app import create_app
 from serving.engine import Engine
 from serving.native import load_examples
+from serving.protocol import Models
 from summaries import DEFAULT_CKPT, DPO_CKPT, FALLBACK_CKPT, Summarizer, summarizer_dir
 
 
@@ -55,7 +60,7 @@ class Config:
     threads: int = 0                      # torch CPU threads (0: torch's default, one per core; fewer leaves cores to the web server and clients)
     max_post_chars: int = 20_000          # longest post accepted, in characters (longer: 413)
     max_batch: int = 32                   # most requests decoded together in one batch (1: one at a time)
-    batch_wait_ms: float = 5.0            # after a request arrives, how long to wait for others to share its batch
+    batch_wait_ms: float = 0.0            # when idle, how long a request waits for others to share its first step (0: it starts at once; later ones join the next step)
     examples: str = ""                    # TL;DR posts the page offers as examples (a --data of sft.py; test split); "": posts of the generated world
     num_examples: int = 6                 # how many example posts
     run_dir: str = ""                     # run folder whose report.md and *.png the page shows ("": runs/<name of --ckpt-dir>)
@@ -83,8 +88,9 @@ def checkpoint_paths(cfg: Config) -> list[Path]:
     return found
 
 
-def load_engines(cfg: Config) -> dict[str, Engine]:
-    """Every checkpoint loaded once, each with its decoding thread; the first is the default model."""
+def load_engines(cfg: Config, warm_up: bool = False) -> dict[str, Engine]:
+    """Every checkpoint loaded once, each with its decoding thread; the first is the default model. With
+    warm_up, each decodes a few tokens before it is returned, so that no client waits for first-call costs."""
     check_config(cfg)
     rt = compute_init(0, cfg.device, cfg.dtype)
     if cfg.threads > 0:
@@ -92,8 +98,15 @@ def load_engines(cfg: Config) -> dict[str, Engine]:
     paths = checkpoint_paths(cfg)
     loaded = [(name, Summarizer.load(p, rt.device), p)
               for name, p in zip(model_names(paths), paths)]
-    return {name: Engine(name, summarizer, path, rt, cfg.max_batch, cfg.batch_wait_ms / 1000)
-            for name, summarizer, path in loaded}
+    engines = {name: Engine(name, summarizer, path, rt, cfg.max_batch, cfg.batch_wait_ms / 1000)
+               for name, summarizer, path in loaded}
+    if warm_up:
+        for engine in engines.values():
+            engine.warm_up(engine.summarizer.prompt(WARM_UP_POST, engine.budget)[0])
+    return engines
+
+
+WARM_UP_POST = tldr.Post("A short post that warms the model up before the first request.", "warm-up", "test")
 
 
 def check_config(cfg: Config):
@@ -120,21 +133,39 @@ def main(cfg: Config):
     import uvicorn
     check_config(cfg)
     check_port_free(cfg.host, cfg.port)
-    # everything that can fail on the user's input comes before the decoding threads exist: a process that
-    # exits while they run aborts in torch's teardown ("terminate called without an active exception")
+    # everything that can fail on the user's input without loading a model comes before the server starts
     examples = load_examples(cfg.examples, cfg.num_examples)
     if not cfg.ckpt:  # after `make demo` the models are in checkpoints/small/, not checkpoints/
         cfg = dataclasses.replace(cfg, ckpt_dir=summarizer_dir(cfg.ckpt_dir, lambda text: print(text, file=sys.stderr, flush=True)))
-    engines = load_engines(cfg)
-    try:
-        app = create_app(engines, cfg, examples)
-        for name, e in engines.items():
+    checkpoint_paths(cfg)
+    # the server answers at once (/health: 503) and the models load beside it; a checkpoint that cannot be
+    # served stops the server and the command exits 2 with its one line
+    models, failure = Models(), []
+    server = uvicorn.Server(uvicorn.Config(create_app(models, cfg, examples), host=cfg.host, port=cfg.port,
+                                           log_level=cfg.log_level))
+
+    def load():
+        try:
+            models.set(load_engines(cfg, warm_up=True))
+        except Exception as e:
+            failure.append(e)
+            server.should_exit = True
+            return
+        for name, e in models.engines.items():
             print(f"serving {name} ({e.summarizer.stage}, step {e.summarizer.step}) from {e.path}", flush=True)
-        print(f"open http://{cfg.host}:{cfg.port}/  (API: /api/summarize, /v1/completions; docs: /docs)", flush=True)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        print(f"open http://{cfg.host}:{cfg.port}/  (API: /api/summarize, /v1/completions, /v1/chat/completions; "
+              f"docs: /docs)", flush=True)
+
+    loader = threading.Thread(target=load, name="load-models", daemon=True)
+    loader.start()
+    try:
+        server.run()
     finally:
-        for engine in engines.values():
-            engine.close()
+        loader.join()
+        models.close()
+    if failure:
+        e = failure[0]
+        raise e if isinstance(e, UserError) else UserError(f"cannot load the models: {type(e).__name__}: {first_line(e)}")
 
 
 if __name__ == "__main__":

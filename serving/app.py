@@ -1,19 +1,25 @@
-"""create_app: the FastAPI app over loaded engines, with the page's static files, one JSON error for every
-failure (never a traceback) and the native and OpenAI-compatible routers, behind a guard that serves only the
-allowed Host names."""
+"""create_app: the FastAPI app over the models (loaded, or loading in the background), with the page's static
+files, one JSON error for every failure (never a traceback), the native and OpenAI-compatible routers and
+/metrics, behind a guard that serves only the allowed Host names and an access log that gives every request an
+id and one line."""
 from __future__ import annotations
 
 import ipaddress
+import re
+import time
+import uuid
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from fastapi.staticfiles import StaticFiles
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
 
 from serving.engine import Engine, GenerationError, log
+from serving.metrics import Metrics
 from serving.native import STATIC_DIR, native_router
-from serving.openai_api import openai_router
-from serving.protocol import RequestError, error_response
+from serving.openai_api import is_openai_route, openai_router
+from serving.protocol import Models, RequestError, error_response
 
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "[::1]"]
 
@@ -85,27 +91,81 @@ class Guard:
                 await error_response(500, "internal server error")(scope, receive, send)
 
 
-def create_app(engines: dict[str, Engine], cfg, example_posts=None) -> FastAPI:
-    """The app serving `engines` (the first is the default model), configured by serve.py's Config, with the
-    page's example posts (None: loaded from cfg.examples); leaving its lifespan closes the engines' threads."""
+REQUEST_ID = re.compile(r"[\w.:-]{1,64}")  # a client's X-Request-Id that is kept (else the server makes one)
+
+
+class AccessLog:
+    """Every request gets an id (the client's X-Request-Id when it is a short plain token, else a new one), sent
+    back as X-Request-Id and used in the response's `id`, and, when its response has ended, one line in the log
+    - id, method, path, status, tokens generated, seconds; never a body - and its count and latency in /metrics."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:24]
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, tokens=0)
+        status, start = 500, time.perf_counter()
+
+        async def tagged(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("x-request-id", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tagged)
+        finally:
+            seconds = time.perf_counter() - start
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.request_done(route, scope["method"], status, seconds)
+            log(f"access: {request_id} {scope['method']} {scope['path'][:200]} {status} tokens={state.get('tokens', 0)} "
+                f"{seconds:.3f}s")
+
+
+def create_app(models: Models | dict[str, Engine], cfg, example_posts=None) -> FastAPI:
+    """The app serving `models` (a dict of loaded engines, the first the default model, or a Models that a
+    loader fills while the app already answers 503), configured by serve.py's Config, with the page's example
+    posts (None: loaded from cfg.examples); leaving its lifespan closes the engines' threads."""
+    if not isinstance(models, Models):
+        models = Models(models)
+
     @asynccontextmanager
     async def lifespan(app):
         yield
-        for engine in engines.values():
-            engine.close()
+        models.close()
 
     app = FastAPI(title="TL;DR summarizer", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.state.metrics = metrics = Metrics(models)
 
     @app.exception_handler(RequestError)
     async def request_error(request, e: RequestError):
-        return error_response(e.status, e.message, e.param)
+        # OpenAI's clients expect a 400 for a request they must fix; the native API keeps its 422s
+        status = 400 if e.status == 422 and is_openai_route(request.url.path) else e.status
+        return error_response(status, e.message, e.param, e.code)
 
     @app.exception_handler(GenerationError)
     async def generation_error(request, e: GenerationError):
         return error_response(500, str(e))
 
-    app.include_router(native_router(engines, cfg, example_posts))
-    app.include_router(openai_router(engines, cfg))
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # FastAPI's own 404 and 405, in the same shape
+        return error_response(e.status_code, f"{request.method} {request.url.path[:100]}: {e.detail}",
+                              headers=getattr(e, "headers", None))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(native_router(models, cfg, example_posts))
+    app.include_router(openai_router(models, cfg))
     app.add_middleware(Guard, allowed=allowed_hosts(cfg))
+    app.add_middleware(AccessLog, metrics=metrics)
     return app

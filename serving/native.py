@@ -6,23 +6,22 @@ import re
 from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 import synthetic
 import tldr
 from common import UserError, first_line, get_tokenizer
-from serving.engine import Engine, Result, run_jobs
-from serving.protocol import (RequestError, build_prompt, pick_engine, read_body, stream_events, take, take_post,
+from serving.engine import Engine, Result, RowSpec, run_jobs
+from serving.protocol import (Models, RequestError, build_prompt, note_results, read_body, stream_events, take, take_post,
                               take_sampling)
-from summaries import decode_summary
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_TOP_PROBS = 20
 
 
-def native_router(engines: dict[str, Engine], cfg, example_posts: list[tldr.Post] | None = None) -> APIRouter:
-    """The routes over `engines` (the first is the default model); cfg is serve.py's Config; the page's example
-    posts are `example_posts`, or load_examples of cfg's when None."""
+def native_router(models: Models, cfg, example_posts: list[tldr.Post] | None = None) -> APIRouter:
+    """The routes over `models`; cfg is serve.py's Config; the page's example posts are `example_posts`, or
+    load_examples of cfg's when None."""
     tok = get_tokenizer()
     if example_posts is None:
         example_posts = load_examples(cfg.examples, cfg.num_examples)
@@ -35,16 +34,20 @@ def native_router(engines: dict[str, Engine], cfg, example_posts: list[tldr.Post
 
     @router.get("/health")
     async def health():
-        return {"status": "ok", "models": {name: dict(e.stats) for name, e in engines.items()}}
+        if not models.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok", "models": {name: {**e.stats, "running": e.running, "waiting": e.waiting}
+                                           for name, e in models.engines.items()}}
 
     @router.get("/api/models")
-    async def models():
-        return {"models": [model_card(name, e, i == 0, cfg.ckpt_dir) for i, (name, e) in enumerate(engines.items())]}
+    async def model_cards():
+        models.check_ready()
+        return {"models": [model_card(name, e, i == 0, cfg.ckpt_dir) for i, (name, e) in enumerate(models.engines.items())]}
 
     @router.post("/api/summarize")
     async def summarize(request: Request):
         body = await read_body(request, cfg.max_post_chars)
-        engine = pick_engine(engines, body.get("model"))
+        engine = models.pick(body.get("model"))
         text = take_post(body.get("post"), cfg.max_post_chars)
         post = tldr.Post(text, take(body, "title", str, "").strip(),
                          take(body, "subreddit", str, "").strip().removeprefix("r/"))
@@ -56,13 +59,14 @@ def native_router(engines: dict[str, Engine], cfg, example_posts: list[tldr.Post
         prompt, truncated = build_prompt(engine, post, sampling.max_new_tokens)
 
         def final(result: Result) -> dict:
-            return {"summary": decode_summary(result.tokens, tok), "model": engine.name,
+            note_results(request, engine, [result])
+            return {"summary": result.text, "model": engine.name,
                     "tokens": len(result.tokens), "seconds": round(result.seconds, 4),
                     "tokens_per_s": round(len(result.tokens) / max(result.seconds, 1e-9), 2),
-                    "truncated": truncated, "finish_reason": "stop" if result.ended else "length"}
+                    "truncated": truncated, "finish_reason": result.finish_reason}
 
         if not stream:
-            return final((await run_jobs(engine, [(prompt, sampling)], 0))[0])
+            return final((await run_jobs(engine, [RowSpec(prompt, sampling)]))[0])
 
         async def produce(send):
             def on_token(row, event, elapsed):
@@ -71,7 +75,7 @@ def native_router(engines: dict[str, Engine], cfg, example_posts: list[tldr.Post
                 send({"type": "token", "text": event["text"], "id": event["id"], "index": event["n"] - 1,
                       "top": [{"token": tok.decode([i]), "id": i, "prob": round(p, 5)} for i, p in event["top"]],
                       "tokens_per_s": round(event["n"] / max(elapsed, 1e-9), 2)})
-            result = (await run_jobs(engine, [(prompt, sampling)], top_probs, on_token))[0]
+            result = (await run_jobs(engine, [RowSpec(prompt, sampling, top_probs=top_probs)], on_token))[0]
             send({"type": "done", **final(result)})
 
         return StreamingResponse(stream_events(produce), media_type="text/event-stream",

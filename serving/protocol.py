@@ -1,5 +1,5 @@
 """The HTTP side both APIs share: the JSON error (RequestError, error_response), request bodies read and parsed,
-fields checked with one clear message per problem, and Server-Sent Events."""
+fields checked with one clear message per problem, the models (loaded or still loading), and Server-Sent Events."""
 from __future__ import annotations
 
 import asyncio
@@ -14,24 +14,62 @@ from starlette.requests import ClientDisconnect
 import tldr
 from common import UserError
 from model import TOKENIZER_VOCAB
-from serving.engine import Engine, GenerationError, Sampling, log, sampling_problem
+from serving.engine import Engine, GenerationError, Result, Sampling, log, sampling_problem
 
-MAX_COMPLETIONS = 16  # most summaries one /v1/completions request may ask for (prompts x n)
+MAX_COMPLETIONS = 16  # most rows one request may ask for (prompts x n)
+MAX_PROMPTS = 64      # most prompts in one /v1/completions batch (lm-evaluation-harness sends batches of prompts)
+PENALTY_RANGE = 2.0   # presence_penalty and frequency_penalty are in [-2, 2], as OpenAI's
 
 
 class RequestError(Exception):
-    """A request this server refuses: its status (400, 404, 413, 415, 422; 500 for a failure of ours), one
-    clear message, and the field at fault."""
+    """A request this server refuses: its status (400, 404, 413, 415, 422; 503 while loading; 500 for a failure
+    of ours), one clear message, the field at fault and a short code."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    """The JSON error every endpoint answers with: {"error": {"message", "type", "param"}}."""
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status_code=status)
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "service_unavailable"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    """The JSON error every endpoint answers with, in OpenAI's shape: {"error": {"message", "type", "param",
+    "code"}}."""
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class Models:
+    """The engines served, by name (the first is the default model), once loaded; until then every route that
+    needs a model answers 503, and /health says it is loading."""
+
+    def __init__(self, engines: dict[str, Engine] | None = None):
+        self.engines: dict[str, Engine] = dict(engines or {})
+        self.ready = engines is not None
+
+    def set(self, engines: dict[str, Engine]):
+        self.engines, self.ready = dict(engines), True
+
+    def check_ready(self):
+        if not self.ready:
+            raise RequestError(503, "the models are still loading; try again in a few seconds", code="loading")
+
+    def pick(self, name: Any) -> Engine:
+        """The engine a request names (None: the default)."""
+        self.check_ready()
+        if name is None:
+            return next(iter(self.engines.values()))
+        if not isinstance(name, str) or name not in self.engines:
+            raise RequestError(404, f"unknown model {json.dumps(name)[:60]}; this server has: {', '.join(self.engines)}",
+                               "model", "model_not_found")
+        return self.engines[name]
+
+    def close(self):
+        for engine in self.engines.values():
+            engine.close()
 
 
 def is_json(content_type: str) -> bool:
@@ -99,25 +137,86 @@ def take(body: dict, name: str, kind: type, default: Any, optional: bool = False
     return value
 
 
-def take_sampling(body: dict, engine: Engine, temperature_default: float, max_tokens_field: str) -> Sampling:
-    """The sampling settings of a request, each checked against what the sampler computes in (float32)."""
-    temperature = take(body, "temperature", float, temperature_default)
+def take_sampling(body: dict, engine: Engine, temperature_default: float, max_tokens_field: str,
+                  capped: bool = False) -> Sampling:
+    """The sampling settings of a request, each checked against what the sampler computes in (float32). The
+    native API refuses a max_new_tokens over the model's summary budget; the OpenAI API (`capped`) takes any
+    max_tokens >= 0 and the caller caps it per prompt, as OpenAI does at a model's limit."""
+    temperature = take(body, "temperature", float, temperature_default, optional=True)
+    temperature = temperature_default if temperature is None else temperature
     top_k = take(body, "top_k", int, 0)
-    top_p = take(body, "top_p", float, 1.0)
+    top_p = take(body, "top_p", float, 1.0, optional=True)
+    top_p = 1.0 if top_p is None else top_p
     max_new = take(body, max_tokens_field, int, engine.budget, optional=True)
     max_new = engine.budget if max_new is None else max_new
     seed = take(body, "seed", int, None, optional=True)
     if seed is not None and not 0 <= seed < 2 ** 63 - MAX_COMPLETIONS:
         raise RequestError(422, f"seed must be in [0, 2^63 - {MAX_COMPLETIONS}), got {seed}", "seed")
+    penalties = []
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = take(body, name, float, 0.0, optional=True) or 0.0
+        if not -PENALTY_RANGE <= value <= PENALTY_RANGE:
+            raise RequestError(422, f"{name} must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}], got {value:g}", name)
+        penalties.append(value)
     top_k = 0 if top_k >= TOKENIZER_VOCAB else top_k  # at least the whole vocabulary: no filter at all
     problem = sampling_problem(temperature, top_k, top_p)
     if problem is not None:
         field, message = problem
         raise RequestError(422, message, field)
-    if not 1 <= max_new <= engine.budget:
+    if capped:
+        if max_new < 0:
+            raise RequestError(422, f"{max_tokens_field} must be >= 0, got {max_new}", max_tokens_field)
+    elif not 1 <= max_new <= engine.budget:
         raise RequestError(422, f"{max_tokens_field} must be in [1, {engine.budget}] for model {engine.name}, "
                                 f"got {max_new}", max_tokens_field)
-    return Sampling(temperature, top_k, top_p, max_new, seed)
+    return Sampling(temperature, top_k, top_p, max_new, seed, *penalties)
+
+
+def take_stop(body: dict) -> tuple[str, ...]:
+    """`stop`: a string or a list of up to 4 (OpenAI's limit), none empty."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise RequestError(422, "stop must be a non-empty string or a list of up to 4 of them", "stop")
+    return tuple(stops)
+
+
+def take_n(body: dict, prompts: int) -> int:
+    n = take(body, "n", int, 1, optional=True) or 1
+    if not 1 <= n or n * prompts > MAX_COMPLETIONS:
+        raise RequestError(422, f"n must be >= 1 and n x prompts at most {MAX_COMPLETIONS}, got {n} x {prompts}", "n")
+    return n
+
+
+def take_stream(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage): stream_options {"include_usage": true} adds a last chunk with the usage."""
+    stream = take(body, "stream", bool, False, optional=True) or False
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict):
+        raise RequestError(422, "stream_options must be an object", "stream_options")
+    if not stream:
+        raise RequestError(422, "stream_options is only allowed with stream: true", "stream_options")
+    return stream, bool(take(options, "include_usage", bool, False, optional=True))
+
+
+def refuse_unsupported(body: dict, checks: dict[str, Callable[[Any], bool]]):
+    """A field this server knows but does not implement gets a 400 when set to anything but its no-op value
+    (never silently ignored); fields it does not know are ignored, as OpenAI's own API ignores them."""
+    for name, is_noop in checks.items():
+        if name in body and not is_noop(body[name]):
+            raise RequestError(422, f"{name} is not supported by this server", name, "unsupported_parameter")
+
+
+def note_results(request: Request, engine: Engine, results: list[Result]):
+    """A request's generated tokens and times to first token, for the access log and /metrics."""
+    request.state.tokens = getattr(request.state, "tokens", 0) + sum(r.generated for r in results)
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rows_done(engine.name, results)
 
 
 def build_prompt(engine: Engine, post: tldr.Post, max_new_tokens: int) -> tuple[list[int], bool]:
@@ -138,14 +237,6 @@ def take_post(text: Any, max_chars: int, name: str = "post") -> str:
     if len(text) > max_chars:
         raise RequestError(413, f"{name} is {len(text)} characters, over this server's limit of {max_chars}", name)
     return text
-
-
-def pick_engine(engines: dict[str, Engine], name: Any) -> Engine:
-    if name is None:
-        return next(iter(engines.values()))
-    if not isinstance(name, str) or name not in engines:
-        raise RequestError(404, f"unknown model {json.dumps(name)[:60]}; this server has: {', '.join(engines)}", "model")
-    return engines[name]
 
 
 # -----------------------------------------------------------------------------

@@ -23,11 +23,11 @@ import tldr
 import serving.app as serving_app
 import serving.engine as serving_engine
 from checkpoints import load_checkpoint, save_checkpoint
-from common import UserError, cli_main, compute_init, config_from
+from common import UserError, cli_main, compute_init, config_from, get_tokenizer
 from conftest import ROOT
-from model import GPT, BatchDecoder, GPTConfig, ScoreModel
+from model import EOS_ID, GPT, BatchDecoder, GPTConfig, ScoreModel
 from serving.app import create_app
-from serving.engine import GENERATION_FAILED, Engine, GenerationError, Sampling, run_jobs
+from serving.engine import GENERATION_FAILED, Engine, GenerationError, RowSpec, Sampling, run_jobs
 from test_summarize import INFO, POST, _greedy, _lm
 from summaries import Summarizer, generate_summaries
 
@@ -61,6 +61,15 @@ def client(ckpt_dir):
     # a loopback Host (TestClient's default, "testserver", is not one the server accepts on 127.0.0.1)
     with TestClient(create_app(serve.load_engines(cfg), cfg), base_url="http://localhost") as c:
         yield c
+
+
+def _raw_continuation(model: GPT, post: tldr.Post) -> str:
+    """Independent reference for a raw completion of the rendered training prompt: the plain KV-cache generate,
+    decoded up to EOS without stripping anything."""
+    ids = get_tokenizer().encode_ordinary(tldr.render_prompt(post))
+    tokens, _, mask = model.generate(torch.tensor([ids]), max_new_tokens=INFO["max_summary_tokens"], temperature=0.0)
+    new = tokens[0][mask[0].bool()].tolist()
+    return get_tokenizer().decode(new[:new.index(EOS_ID)] if EOS_ID in new else new)
 
 
 def _cli_summary(ckpt_dir, ckpt: str, **overrides) -> str:
@@ -118,10 +127,14 @@ def test_greedy_summary_equals_summarize_cli(client, ckpt_dir):
             assert len(e["top"]) == 4 and e["top"][0]["id"] == e["id"] and e["tokens_per_s"] > 0
             probs = [t["prob"] for t in e["top"]]
             assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
-        prompt = tldr.render_prompt(POST)  # the whole training prompt is taken apart into the post's fields
+        prompt = tldr.render_prompt(POST)  # the whole training prompt, continued as raw text
         v1 = client.post("/v1/completions", json={"model": name, "prompt": prompt, "temperature": 0}).json()
-        assert v1["object"] == "text_completion" and v1["choices"][0]["text"] == expected
-        assert v1["usage"]["completion_tokens"] == got["tokens"]
+        assert v1["object"] == "text_completion" and v1["choices"][0]["text"] == _raw_continuation(model, POST)
+        assert v1["choices"][0]["text"].strip() == expected and v1["usage"]["completion_tokens"] == got["tokens"]
+        # the post with "template": the checkpoint's own prompt, as /api/summarize builds it
+        templated = client.post("/v1/completions", json={"model": name, "prompt": POST.post, "title": POST.title,
+                                                         "temperature": 0, "template": True}).json()
+        assert templated["choices"][0]["text"].strip() == _greedy(model, tldr.Post(POST.post))
 
 
 def test_seeded_sampling_equals_summarize_cli(client, ckpt_dir):
@@ -131,7 +144,7 @@ def test_seeded_sampling_equals_summarize_cli(client, ckpt_dir):
     assert client.post("/api/summarize", json=body).json()["summary"] == expected
     n3 = client.post("/v1/completions", json={"model": "ppo_latest", "prompt": tldr.render_prompt(POST), "temperature": 0.9,
                                               "top_k": 40, "seed": 7, "n": 3}).json()["choices"]
-    assert n3[0]["text"] == expected and len(n3) == 3 and [c["index"] for c in n3] == [0, 1, 2]
+    assert n3[0]["text"].strip() == expected and len(n3) == 3 and [c["index"] for c in n3] == [0, 1, 2]
 
 
 def test_openai_stream_chunks(client):
@@ -189,12 +202,33 @@ def test_non_finite_numbers_and_oversized_bodies(client):
 
 
 def test_openai_endpoint_bad_input(client):
-    assert client.post("/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
-    assert client.post("/v1/completions", json={"model": "best_sft", "prompt": ""}).status_code == 422
-    assert client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "max_tokens": 99}).status_code == 422
-    r = client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "n": 17})
-    assert r.status_code == 422 and "n must be" in r.json()["error"]["message"]
-    assert client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "echo": True}).status_code == 422
+    """OpenAI's conventions: a 400 in its error shape for what the client must fix, 404 for an unknown model,
+    and max_tokens over the model's budget capped there with finish_reason "length"."""
+    r = client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    for body, param, message in [({"prompt": ""}, "prompt", "prompt is empty"),
+                                 ({"prompt": "hi", "n": 17}, "n", "n must be"),
+                                 ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "0 only with echo"),
+                                 ({"prompt": "hi", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
+                                 ({"prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
+                                 ({"prompt": "hi", "best_of": 3}, "best_of", "not supported"),
+                                 ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+                                 ({"prompt": "hi", "presence_penalty": 2.5}, "presence_penalty", "[-2, 2]"),
+                                 ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
+                                 ({"prompt": "x " * 70}, "prompt", "context of 64")]:
+        r = client.post("/v1/completions", json={"model": "best_sft", **body})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and message in error["message"], r.text
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    capped = client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "max_tokens": 256,
+                                                  "temperature": 0}).json()["choices"][0]
+    assert capped["finish_reason"] in ("stop", "length")
+    longest = client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "max_tokens": 10,
+                                                   "temperature": 0}).json()["choices"][0]
+    assert capped == longest  # 256 is the budget of 10, as OpenAI caps at a model's limit
+    for method, path in (("GET", "/nowhere"), ("DELETE", "/v1/completions")):
+        r = client.request(method, path)
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
 # -----------------------------------------------------------------------------
@@ -211,7 +245,7 @@ _T = "temperature must be 0 (greedy) or in [0.001, 100]"
     ("/api/summarize", b'{"post": "hi", "temperature": 1e-300}', JSON, 422, _T),
     ("/api/summarize", b'{"post": "hi", "temperature": 5e-324}', JSON, 422, _T),
     ("/api/summarize", b'{"post": "hi", "temperature": 101}', JSON, 422, _T),
-    ("/v1/completions", b'{"prompt": "hi", "temperature": 1e308}', JSON, 422, _T),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 1e308}', JSON, 400, _T),
     ("/api/summarize", b'{"post": "hi", "temperature": 1, "top_p": 5e-324}', JSON, 422, "top_p must be in (0, 1] as a float32"),
     ("/api/summarize", b'{"post": "hi", "top_k": 100000000000000000000000000000, "temperature": 1, "seed": 1}', JSON, 200, ""),
     # bodies json cannot take, or takes and would fail on
@@ -220,7 +254,8 @@ _T = "temperature must be 0 (greedy) or in [0.001, 100]"
     ("/api/summarize", b'{"post": "hi", "seed": ' + b"9" * 5000 + b"}", JSON, 400, "not valid JSON"),
     ("/api/summarize", b'{"post": "hi", "subreddit": "' + b"x" * 400 + b'"}', JSON, 422, "prompt budget"),
     ("/api/summarize", b'{"post": "\\ud800 lone surrogate"}', JSON, 200, ""),
-    ("/v1/completions", b'{"prompt": [1, 2]}', JSON, 422, "prompt must be a string"),
+    ("/v1/completions", b'{"prompt": [1.5, 2]}', JSON, 400, "prompt must be a string, a list of token ids"),
+    ("/v1/completions", b'{"prompt": [50257]}', JSON, 400, "prompt must be a string, a list of token ids"),
     # what a page of another site can make a browser send without asking: not JSON
     ("/api/summarize", b'{"post": "hi"}', {"content-type": "text/plain"}, 415, "content-type: application/json"),
     ("/api/summarize", b'post=hi', {"content-type": "application/x-www-form-urlencoded"}, 415, "application/json"),
@@ -258,7 +293,7 @@ def test_host_check_follows_the_bound_address(ckpt_dir):
 def _engine_results(engine, jobs) -> list:
     """Run (prompt, Sampling) jobs on the engine at once: each one's tokens, or its GenerationError."""
     async def all_of_them():
-        return await asyncio.gather(*(run_jobs(engine, [job], 0) for job in jobs), return_exceptions=True)
+        return await asyncio.gather(*(run_jobs(engine, [RowSpec(*job)]) for job in jobs), return_exceptions=True)
     return [r if isinstance(r, Exception) else r[0].tokens for r in asyncio.run(all_of_them())]
 
 
@@ -469,7 +504,7 @@ def server(ckpt_dir, small_sft_ckpt, server_log):
 def test_openai_client_against_a_real_server(server, ckpt_dir):
     import openai
     client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
-    expected = _greedy(_lm(1), POST)
+    expected = _raw_continuation(_lm(1), POST)
     prompt = tldr.render_prompt(POST)
     done = client.completions.create(model="ppo_latest", prompt=prompt, temperature=0)
     assert done.choices[0].text == expected and done.usage.completion_tokens > 0
