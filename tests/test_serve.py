@@ -516,6 +516,41 @@ def test_openai_client_against_a_real_server(server, ckpt_dir):
         client.completions.create(model="nope", prompt="hi")
 
 
+def test_openai_client_features_against_a_real_server(server):
+    """The official client on what evaluators and chat clients use: echo + logprobs with a token-id prompt and
+    max_tokens 0, stop, n, include_usage; chat streamed and not; a seeded sampled request streamed joins to
+    the non-streamed text."""
+    import openai
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused")
+    ids = get_tokenizer().encode_ordinary("My roommate keeps eating my food and never buys any.")
+    echo = client.completions.create(model="demo_sft", prompt=ids, max_tokens=0, echo=True, logprobs=1)
+    lp = echo.choices[0].logprobs
+    assert echo.choices[0].text == get_tokenizer().decode(ids) and lp.token_logprobs[0] is None
+    assert len(lp.token_logprobs) == len(ids) and all(x < 0 for x in lp.token_logprobs[1:])
+    seeded = dict(model="demo_sft", prompt=tldr.render_prompt(POST), temperature=0.8, seed=3, max_tokens=30)
+    whole = client.completions.create(**seeded, n=2)
+    assert len(whole.choices) == 2 and whole.choices[0].text != whole.choices[1].text
+    chunks = list(client.completions.create(**seeded, n=2, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and not chunks[-1].choices
+    assert ["".join(c.choices[0].text for c in chunks[:-1] if c.choices[0].index == i) for i in (0, 1)] == \
+        [c.text for c in whole.choices]
+    stop = whole.choices[0].text[5:8]
+    cut = client.completions.create(**seeded, stop=[stop])
+    assert cut.choices[0].text == whole.choices[0].text[:whole.choices[0].text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    messages = [{"role": "user", "content": POST.post}]
+    chat = client.chat.completions.create(model="demo_sft", messages=messages, temperature=0, max_tokens=256,
+                                          extra_body={"title": POST.title, "subreddit": POST.subreddit})
+    summary = httpx.post(server + "/api/summarize", json={"post": POST.post, "title": POST.title,
+                                                          "subreddit": POST.subreddit, "model": "demo_sft"}).json()
+    assert chat.choices[0].message.content == summary["summary"] and chat.choices[0].message.role == "assistant"
+    streamed = client.chat.completions.create(model="demo_sft", messages=messages, temperature=0, stream=True,
+                                              extra_body={"title": POST.title, "subreddit": POST.subreddit})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == summary["summary"]
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        client.completions.create(model="demo_sft", prompt="hi", n=99)
+
+
 def test_concurrent_streams_each_get_their_own_summary(server, small_sft_ckpt, synthetic_dir):
     """16 streaming requests at once, each with its own post: every one gets the greedy summary of its own
     post (generate_summaries, one post at a time), and the server did batch them."""
