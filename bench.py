@@ -10,9 +10,12 @@ writes everything to JSON):
   hellaswag  HellaSwag examples/s: hellaswag.evaluate batched vs one example at a time
   ppo        seconds of one step of ppo.py's own loop: rollout (generation), scoring, update, and the
              rollout's share
-  serve      serve.py under N concurrent streaming clients on loopback (--serve-clients, e.g. 1 8 32):
-             requests/s, p50/p95 time to first token and latency, errors; the batching server against the
-             same server taking one request at a time (--max-batch 1). Not in the default sections.
+  serve      servers under N concurrent streaming clients on loopback (--serve-clients, e.g. 1 8 32), each in its
+             own process, the same greedy raw /v1/completions requests to each: serve.py against Hugging
+             Face's `transformers serve --continuous-batching` on export.py's folder of the same checkpoint
+             (the peer; it needs `accelerate`) and serve.py taking one request at a time (--max-batch 1):
+             requests/s, tokens/s, p50/p95 time to first token and latency, errors, and whether their texts
+             agree. Not in the default sections.
   optimizer  pretrain.py --optimizer adamw vs muon on real text (--opt-text) and the generated world's
              documents: a learning-rate sweep each, more seeds at the best rate, the tokens and training
              seconds each needs to reach a validation loss both reach, the final loss at a fixed token
@@ -29,7 +32,7 @@ where absolute times do not.
     python bench.py --preset gpt2                      # 124M on CPU at batch 4 x 128 tokens
     python bench.py --preset gpt2 --device cuda --batch-size 16 --seq-len 1024   # one GPU: fp32/bf16/fp16, compile
     python bench.py --preset gpt2 --device cuda --variants fp16 fp16+compile     # a T4
-    python bench.py --preset small --sections serve                              # the serving table (about 3 minutes)
+    python bench.py --preset small --sections serve                              # the serving table (about 6 minutes)
     python bench.py --sections optimizer --opt-text ../shared/realdata/tinyshakespeare/input.txt   # AdamW vs Muon
 
 One process on one device by design: there is no torchrun command, because a benchmark of a multi-GPU
@@ -56,6 +59,7 @@ import fineweb
 import hellaswag
 import ppo
 import pretrain
+import summaries
 import synthetic
 import tldr
 from checkpoints import save_checkpoint
@@ -91,6 +95,7 @@ class Config:
     serve_rounds: int = 2           # serve section: rounds per level; sides alternate order from round to round
     serve_tokens: int = 53          # serve section: summary tokens per request (TL;DR's budget; random weights rarely stop early)
     serve_max_batch: int = 32       # serve section: the batching side's --max-batch
+    serve_sides: list[str] = field(default_factory=lambda: ["serve.py", "transformers", "one_at_a_time"])  # serve section: serve.py first, then what it is compared with: transformers (`transformers serve --continuous-batching`), one_at_a_time (serve.py --max-batch 1)
     serve_ckpt: str = ""            # serve section: serve this summarizer checkpoint instead of random `--model` weights
     opt_corpora: list[str] = field(default_factory=lambda: ["text", "generated"])  # optimizer section: text (--opt-text) and/or generated (synthetic.py's pretraining documents)
     opt_text: str = "data/tinyshakespeare/input.txt"  # optimizer section: a UTF-8 text file (tinyshakespeare); its first 10% of tokens are the validation set
@@ -112,7 +117,8 @@ class Config:
 PRESETS = {
     "tiny": dict(model="tiny", batch_size=2, seq_len=32, gen_tokens=16, prompt_len=8, hellaswag_rows=8,
                  hellaswag_batch=4, repeats=1, warmup=1, ppo_rollouts=4, ppo_prompt_tokens=40, ppo_response_tokens=8,
-                 serve_clients=[1, 4], serve_requests=8, serve_seconds=20.0, serve_rounds=1, serve_tokens=8),
+                 serve_clients=[1, 4], serve_requests=8, serve_seconds=20.0, serve_rounds=1, serve_tokens=8,
+                 serve_sides=["serve.py", "one_at_a_time"]),
     "small": dict(model="small", batch_size=8, seq_len=256, gen_tokens=128, prompt_len=32, hellaswag_rows=64,
                   repeats=7, warmup=1),
     "gpt2": dict(model="gpt2", batch_size=4, seq_len=128, gen_tokens=128, prompt_len=32, no_cache_max_batch=1,
@@ -126,7 +132,10 @@ TARGETS = [
     (("generate", "batches", "8", "ratio_vs_no_cache"), 5.0, "generation at batch 8: ours / no-cache loop"),
     (("generate", "batches", "1", "ratio_vs_no_cache"), 5.0, "generation at batch 1: ours / no-cache loop"),
     (("hellaswag", "ratio"), 3.0, "HellaSwag: batched / one-by-one examples/s"),
-    (("serve", "levels", "8", "ratio"), 3.0, "serving 8 streaming clients: batched / one-at-a-time requests/s"),
+    (("serve", "levels", "1", "ratio", "transformers"), 1.0, "serving 1 streaming client: serve.py / transformers serve requests/s"),
+    (("serve", "levels", "8", "ratio", "transformers"), 2.0, "serving 8 streaming clients: serve.py / transformers serve requests/s"),
+    (("serve", "levels", "32", "ratio", "transformers"), 2.0, "serving 32 streaming clients: serve.py / transformers serve requests/s"),
+    (("serve", "levels", "8", "ratio", "one_at_a_time"), 3.0, "serving 8 streaming clients: serve.py batched / one at a time requests/s"),
 ]
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -414,44 +423,66 @@ def _percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
 
 
-def start_servers(ckpt: Path, max_batches: dict[str, int], device: str, threads: int = 0) -> dict:
-    """serve.py in its own process per side, on free loopback ports, all starting at once:
-    {side: (process, base URL)} once every /health answers."""
+SERVE_SIDES = ("serve.py", "transformers", "one_at_a_time")
+
+
+def _free_port() -> int:
     import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_batch: int, device: str,
+                  threads: int = 0) -> dict:
+    """Each side's server in its own process on a free loopback port, all starting at once: {side: (process,
+    base URL, model name)} once every /health answers 200. serve.py sides get --threads; every side gets
+    OMP_NUM_THREADS=threads (when set), so that the peer's torch uses as many threads."""
+    import shutil
     import subprocess
     import sys
     import httpx
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     servers = {}
-    for name, max_batch in max_batches.items():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt),
-                                 "--port", str(port), "--max-batch", str(max_batch), "--device", device,
-                                 "--threads", str(threads)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        servers[name] = (proc, f"http://127.0.0.1:{port}")
-    deadline = time.time() + 120
-    for proc, url in servers.values():
+    for side in sides:
+        port = _free_port()
+        if side == "transformers":
+            cli = shutil.which("transformers") or str(Path(sys.executable).with_name("transformers"))
+            cmd = [cli, "serve", str(export_dir), "--continuous-batching", "--device", device, "--host", "127.0.0.1",
+                   "--port", str(port)]
+            model = str(export_dir)
+        else:
+            cmd = [sys.executable, str(Path(__file__).with_name("serve.py")), "--ckpt", str(ckpt), "--port", str(port),
+                   "--max-batch", str(1 if side == "one_at_a_time" else max_batch), "--device", device,
+                   "--threads", str(threads)]
+            model = ckpt.stem
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        servers[side] = (proc, f"http://127.0.0.1:{port}", model)
+    deadline = time.time() + 180
+    for side, (proc, url, _) in servers.items():
         while True:
             if proc.poll() is not None:
-                raise UserError(f"serve.py did not start: {proc.stderr.read().strip()[-300:]}")
+                for p, _, _ in servers.values():
+                    p.kill()
+                raise UserError(f"the {side} server did not start: {proc.stderr.read().strip()[-300:]}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.time() > deadline:
-                for p, _ in servers.values():
+                for p, _, _ in servers.values():
                     p.kill()
-                raise UserError("serve.py did not answer /health within 120 s")
+                raise UserError(f"the {side} server did not answer /health within 180 s")
             time.sleep(0.2)
     return servers
 
 
-async def _load(url: str, posts: list[dict], clients: int, requests: int, seconds: float, tokens: int) -> dict:
-    """`clients` closed-loop clients, each streaming one summary after another, until `requests` have
-    been sent or `seconds` have passed: per request the time to its first token and to its end."""
+async def _load(url: str, model: str, prompts: list[str], clients: int, requests: int, seconds: float,
+                tokens: int) -> dict:
+    """`clients` closed-loop clients, each streaming one greedy raw completion after another (OpenAI's
+    /v1/completions, the usage in a last chunk), until `requests` have been sent or `seconds` have passed: per
+    request the time to its first text and to its end."""
     import httpx
     sent, ttft, latency, errors, made = 0, [], [], 0, 0
     start = time.perf_counter()
@@ -459,25 +490,28 @@ async def _load(url: str, posts: list[dict], clients: int, requests: int, second
     async def client(http):
         nonlocal sent, errors, made
         while sent < requests and time.perf_counter() - start < seconds:
-            body = {**posts[sent % len(posts)], "stream": True, "max_new_tokens": tokens}
+            body = {"model": model, "prompt": prompts[sent % len(prompts)], "max_tokens": tokens, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
             sent += 1
-            t0, first = time.perf_counter(), None
+            t0, first, count = time.perf_counter(), None, None
             try:
-                async with http.stream("POST", url + "/api/summarize", json=body) as r:
+                async with http.stream("POST", url + "/v1/completions", json=body) as r:
                     if r.status_code != 200:
                         errors += 1
                         continue
                     async for line in r.aiter_lines():
-                        if not line.startswith("data: "):
+                        if not line.startswith("data: ") or line == "data: [DONE]":
                             continue
-                        event = json.loads(line[6:])
-                        if event["type"] == "token" and first is None:
+                        chunk = json.loads(line[6:])
+                        if "error" in chunk:
+                            raise RuntimeError(chunk["error"])
+                        if first is None and any(c.get("text") for c in chunk.get("choices", [])):
                             first = time.perf_counter() - t0
-                        elif event["type"] == "done":
-                            made += event["tokens"]
-                            break
-                        elif event["type"] == "error":
-                            raise RuntimeError(event["error"]["message"])
+                        if chunk.get("usage"):
+                            count = chunk["usage"]["completion_tokens"]
+                if count is None:
+                    raise RuntimeError("no usage chunk")
+                made += count
                 ttft.append(first if first is not None else time.perf_counter() - t0)
                 latency.append(time.perf_counter() - t0)
             except (httpx.HTTPError, RuntimeError, KeyError, ValueError):
@@ -488,6 +522,17 @@ async def _load(url: str, posts: list[dict], clients: int, requests: int, second
         await asyncio.gather(*(client(http) for _ in range(clients)))
     return {"requests": len(latency), "errors": errors, "seconds": time.perf_counter() - start,
             "tokens": made, "ttft": ttft, "latency": latency}
+
+
+def _texts(url: str, model: str, prompts: list[str], tokens: int) -> list[str | None]:
+    """Each prompt's greedy completion, not streamed (None where the server failed)."""
+    import httpx
+    out = []
+    for prompt in prompts:
+        r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": tokens,
+                                                      "temperature": 0}, timeout=120)
+        out.append(r.json()["choices"][0]["text"] if r.status_code == 200 else None)
+    return out
 
 
 def _merge_rounds(rounds: list[dict]) -> dict:
@@ -503,43 +548,63 @@ def _merge_rounds(rounds: list[dict]) -> dict:
 
 
 def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
-    """serve.py serving `ours` (or --serve-ckpt) in two processes, one batching (--max-batch
-    serve_max_batch) and one taking a request at a time, each with --threads torch threads; for each client
-    count, rounds that alternate which server goes first, each a closed loop of streaming requests for
-    generated TL;DR posts."""
-    posts = [{"post": p.post, "title": p.title, "subreddit": p.subreddit}
-             for p in synthetic.make_world(seed=cfg.seed, num_posts=400)["train"]]
-    sides = {"batched": cfg.serve_max_batch, "one_at_a_time": 1}
+    """The --serve-sides servers on one summarizer (--serve-ckpt, or `ours` saved with a summary budget of
+    --serve-tokens), each in its own process with --threads torch threads; the peer serves export.py's folder of
+    that checkpoint. Prompts: generated TL;DR posts in the checkpoint's template, sent as raw text. For each
+    client count, rounds that alternate the sides' order, each a closed loop of streaming requests."""
+    import export
+    sides = list(dict.fromkeys(cfg.serve_sides))
+    if not sides or sides[0] != "serve.py" or any(s not in SERVE_SIDES for s in sides):
+        raise UserError(f"--serve-sides must start with serve.py and name only {', '.join(SERVE_SIDES)}, got {sides}")
+    if "transformers" in sides:
+        try:
+            import accelerate  # noqa: F401  `transformers serve --continuous-batching` needs it
+        except ImportError:
+            raise UserError("the transformers side needs accelerate (pip install accelerate), or leave it out: "
+                            "--serve-sides serve.py one_at_a_time") from None
+    world = synthetic.make_world(seed=cfg.seed, num_posts=400)["train"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(cfg.serve_ckpt) if cfg.serve_ckpt else Path(tmp) / "bench_summarizer.pt"
         if not cfg.serve_ckpt:
             save_checkpoint(ckpt, stage="sft", model=ours, tldr=tldr.template_info(
                 max_prompt_tokens=cfg.ppo_prompt_tokens, max_summary_tokens=cfg.serve_tokens))
-        servers = start_servers(ckpt, sides, str(rt.device), cfg.threads)
+        summarizer = summaries.Summarizer.load(ckpt)
+        tok = get_tokenizer()
+        prompts = [tok.decode(summarizer.prompt(tldr.Post(p.post, p.title, p.subreddit), cfg.serve_tokens)[0])
+                   for p in world]
+        export_dir = None
+        if "transformers" in sides:
+            export_dir = Path(tmp) / "export"
+            export.main(config_from(export.Config, None, None, ckpt=str(ckpt), out=str(export_dir)))
+        servers = start_servers(ckpt, export_dir, sides, cfg.serve_max_batch, str(rt.device), cfg.threads)
         try:
-            for name, (_, url) in servers.items():  # warm-up: first-call allocations and thread start
-                asyncio.run(_load(url, posts, 2, 2, 60.0, cfg.serve_tokens))
+            texts = {side: _texts(url, model, prompts[:4], cfg.serve_tokens) for side, (_, url, model) in servers.items()}
+            for side, (_, url, model) in servers.items():  # warm-up: first-call allocations and thread start
+                asyncio.run(_load(url, model, prompts, 2, 2, 60.0, cfg.serve_tokens))
             levels = {}
             for clients in cfg.serve_clients:
                 requests = max(cfg.serve_requests, 2 * clients)
-                rounds = {name: [] for name in sides}
+                rounds = {side: [] for side in sides}
                 for r in range(cfg.serve_rounds):
-                    for name in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
-                        rounds[name].append(asyncio.run(_load(servers[name][1], posts, clients, requests,
+                    for side in (sides if r % 2 == 0 else sides[::-1]):
+                        _, url, model = servers[side]
+                        rounds[side].append(asyncio.run(_load(url, model, prompts, clients, requests,
                                                               cfg.serve_seconds, cfg.serve_tokens)))
-                level = {name: _merge_rounds(rs) for name, rs in rounds.items()}
-                ratios = [a / b for a, b in zip(level["batched"]["rounds_requests_per_s"],
-                                                level["one_at_a_time"]["rounds_requests_per_s"])]
-                level["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+                level = {side: _merge_rounds(rs) for side, rs in rounds.items()}
+                level["ratio"] = {other: paired_ratio([1 / x for x in level["serve.py"]["rounds_requests_per_s"]],
+                                                      [1 / x for x in level[other]["rounds_requests_per_s"]])
+                                  for other in sides[1:]}
                 levels[str(clients)] = level
-                print0(f"bench: serve {clients} clients: {level['batched']['requests_per_s']:.2f} vs "
-                       f"{level['one_at_a_time']['requests_per_s']:.2f} requests/s")
+                print0(f"bench: serve {clients} clients: " + ", ".join(
+                    f"{side} {level[side]['requests_per_s']:.2f}" for side in sides) + " requests/s")
         finally:
-            for proc, _ in servers.values():
+            for proc, _, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-    return {"model": cfg.serve_ckpt or f"random {cfg.model}", "tokens": cfg.serve_tokens,
-            "max_batch": cfg.serve_max_batch, "rounds": cfg.serve_rounds, "levels": levels}
+    agree = {side: sum(a == b for a, b in zip(texts["serve.py"], texts[side])) / len(texts["serve.py"])
+             for side in sides[1:]}
+    return {"model": cfg.serve_ckpt or f"random {cfg.model}", "tokens": cfg.serve_tokens, "sides": sides,
+            "max_batch": cfg.serve_max_batch, "rounds": cfg.serve_rounds, "levels": levels, "texts_agree": agree}
 
 
 # -----------------------------------------------------------------------------
@@ -700,6 +765,10 @@ def _rate(st: dict) -> str:
     return f"{_num(st['per_s'])} ({_num(st['per_s_min'])}-{_num(st['per_s_max'])})"
 
 
+def _opt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _ratio(r: dict) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})"
 
@@ -758,17 +827,20 @@ def format_report(results: dict) -> str:
                   f"generation {_num(p['gen_tok_per_s'])} tokens/s.", ""]
     if "serve" in results:
         sv = results["serve"]
-        lines += [f"**Serving** (serve.py, {sv['model']}), streaming clients on loopback, {sv['tokens']}-token summaries, "
-                  f"{sv['rounds']} rounds per level", "",
-                  "| clients | server | requests/s | tokens/s | TTFT p50 / p95 s | latency p50 / p95 s | errors | batched faster by |",
+        labels = {"serve.py": f"serve.py (max batch {sv['max_batch']})", "one_at_a_time": "serve.py, one at a time",
+                  "transformers": "transformers serve --continuous-batching"}
+        lines += [f"**Serving** ({sv['model']}), streaming greedy /v1/completions on loopback, {sv['tokens']}-token "
+                  f"completions, {sv['rounds']} rounds per level; same text as serve.py's on 4 prompts: " +
+                  ", ".join(f"{labels[s]} {100 * a:.0f}%" for s, a in sv["texts_agree"].items()), "",
+                  "| clients | server | requests/s | tokens/s | TTFT p50 / p95 s | latency p50 / p95 s | errors | serve.py faster by |",
                   "|---|---|---|---|---|---|---|---|"]
         for clients, level in sv["levels"].items():
-            for side, label in (("batched", f"batched (max {sv['max_batch']})"), ("one_at_a_time", "one at a time")):
+            for side in sv["sides"]:
                 st = level[side]
-                ratio = _ratio(level["ratio"]) if side == "batched" else ""
-                lines.append(f"| {clients} | {label} | {st['requests_per_s']:.2f} | {_num(st['tokens_per_s'])} | "
-                             f"{st['ttft_p50_s']:.3f} / {st['ttft_p95_s']:.3f} | {st['latency_p50_s']:.2f} / "
-                             f"{st['latency_p95_s']:.2f} | {st['errors']} | {ratio} |")
+                ratio = _ratio(level["ratio"][side]) if side in level["ratio"] else ""
+                lines.append(f"| {clients} | {labels[side]} | {st['requests_per_s']:.2f} | {_num(st['tokens_per_s'])} | "
+                             f"{_opt(st['ttft_p50_s'])} / {_opt(st['ttft_p95_s'])} | {_opt(st['latency_p50_s'], 2)} / "
+                             f"{_opt(st['latency_p95_s'], 2)} | {st['errors']} | {ratio} |")
         lines.append("")
     if "optimizer" in results:
         o = results["optimizer"]

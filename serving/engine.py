@@ -10,6 +10,7 @@ import secrets
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -193,6 +194,7 @@ class Engine:
             jobs.append(job)
         return [j for j in jobs if not j.cancelled.is_set()]
 
+    @torch.inference_mode()
     def _loop(self):
         # A failure ends the rows it belongs to and no others: a job with settings the sampler cannot use is
         # refused before it is admitted, a row whose step goes wrong (its own sampling, a token outside the
@@ -337,8 +339,11 @@ class Engine:
         model_logp = torch.log_softmax(logits, dim=-1) if want_logprobs is not None else None
         if any(j.penalized for j in jobs):
             logits = penalize(logits, rows)
-        tokens, logp = self._choose(logits, jobs)
         top_n = max(j.top_probs for j in jobs)
+        if not top_n and all(j.temperature == 0 for j in jobs):  # greedy: the sampling distribution is not needed
+            tokens, logp = logits.argmax(-1), None
+        else:
+            tokens, logp = self._choose(logits, jobs)
         if top_n:
             top = torch.topk(logp, top_n, dim=-1)
             top_ids, top_probs = top.indices.tolist(), top.values.exp().tolist()
@@ -503,13 +508,49 @@ def token_offsets(tokens: list[int], tokenizer, start: int = 0) -> list[int]:
     return offsets
 
 
+class Mailbox:
+    """Calls from decoding threads into one event loop, delivered in batches. call_soon_threadsafe wakes the loop
+    with a write to its self-pipe (a system call each time), so a step that emits an event for each of its rows
+    wakes the loop once, not once per row."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, fn: Callable, arg):
+        with self.lock:
+            self.items.append((fn, arg))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop has closed: nobody waits for these events
+            pass
+
+    def _drain(self):
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for fn, arg in items:
+            fn(arg)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+
+
+def loop_mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = Mailbox(loop)
+    return box
+
+
 async def run_jobs(engine: Engine, specs: list[RowSpec],
                    on_token: Callable[[int, dict, float], None] | None = None) -> list[Result]:
     """Submit one job per row, await every row's end. on_token(row, event, elapsed) is called in the event
     loop for each token, with the text piece it adds ("text"; at the end, one event with id None for what was
     held back). A row whose text reaches a stop string ends there (its job is stopped). If the caller is
     cancelled (a client that went away), its rows are stopped."""
-    loop = asyncio.get_running_loop()
+    box = loop_mailbox(asyncio.get_running_loop())
     events: asyncio.Queue = asyncio.Queue()
     jobs, start = [], time.perf_counter()
     outputs = [RowOutput(spec, engine.tokenizer, start) for spec in specs]
@@ -519,10 +560,7 @@ async def run_jobs(engine: Engine, specs: list[RowSpec],
         gen.manual_seed(s.seed + row if s.seed is not None else secrets.randbits(62))
 
         def emit(event, row=row):
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (row, event))
-            except RuntimeError:  # the loop has closed: the client is gone
-                pass
+            box.post(events.put_nowait, (row, event))
         jobs.append(Job(spec.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p, gen, spec.top_probs, emit,
                         spec.logprobs, spec.prompt_logprobs, s.presence_penalty, s.frequency_penalty))
     for job in jobs:

@@ -157,9 +157,9 @@ def test_logits_with_and_without_autograd_agree(tiny_config):
 
 
 def test_tiny_serve_section(tmp_path, capsys):
-    """bench.py --sections serve (in-process; the two servers are real processes): both answer every streamed
-    request without an error, the figures are consistent (percentiles ordered, a request's first token
-    before its end) and the target is read from them."""
+    """bench.py --sections serve (in-process; the servers are real processes): serve.py batching and one at a
+    time answer every streamed request without an error and with the same text, the figures are consistent
+    (percentiles ordered, a request's first token before its end) and the target is read from them."""
     out, threads = tmp_path / "serve.json", torch.get_num_threads()
     try:  # --threads 1 sets this process's torch threads too: the rest of the suite keeps its own
         r = bench.main(config_from(bench.Config, bench.PRESETS, "tiny", sections=["serve"], threads=1, out=str(out)))
@@ -167,15 +167,30 @@ def test_tiny_serve_section(tmp_path, capsys):
         torch.set_num_threads(threads)
     assert "**Serving**" in capsys.readouterr().out and json.loads(out.read_text())["serve"] == r["serve"]
     sv = r["serve"]
-    assert set(sv["levels"]) == {"1", "4"} and sv["tokens"] == 8
+    assert set(sv["levels"]) == {"1", "4"} and sv["tokens"] == 8 and sv["texts_agree"] == {"one_at_a_time": 1.0}
     for level in sv["levels"].values():
-        for side in ("batched", "one_at_a_time"):
+        for side in ("serve.py", "one_at_a_time"):
             st = level[side]
             assert st["errors"] == 0 and st["requests"] == 8 and st["tokens_per_s"] > 0
             assert 0 < st["ttft_p50_s"] <= st["ttft_p95_s"] and st["ttft_p50_s"] <= st["latency_p50_s"]
             assert st["latency_p50_s"] <= st["latency_p95_s"]
-        assert set(level["ratio"]) == RATIO_FIELDS
-    assert [t["value"] for t in r["targets"] if t["key"].startswith("serve.")] == [None]  # 8 clients not run
+        assert set(level["ratio"]) == {"one_at_a_time"} and set(level["ratio"]["one_at_a_time"]) == RATIO_FIELDS
+    assert [t["value"] for t in r["targets"] if t["key"].startswith("serve.")] == [None] * 4  # 8 and 32 clients not run
+    with pytest.raises(UserError, match="must start with serve.py"):
+        bench.bench_serve(config_from(bench.Config, bench.PRESETS, "tiny", serve_sides=["transformers"]), None, None)
+
+
+@pytest.mark.slow
+def test_serve_section_against_transformers_serve(tmp_path):
+    """The peer side: `transformers serve --continuous-batching` on export.py's folder of the same random
+    checkpoint answers the same streamed greedy requests without an error and with serve.py's text."""
+    r = bench.main(config_from(bench.Config, bench.PRESETS, "tiny", sections=["serve"], serve_clients=[2],
+                               serve_sides=["serve.py", "transformers"], out=str(tmp_path / "serve.json")))
+    sv = r["serve"]
+    assert sv["texts_agree"] == {"transformers": 1.0}
+    for side in ("serve.py", "transformers"):
+        st = sv["levels"]["2"][side]
+        assert st["errors"] == 0 and st["requests"] == 8 and st["tokens_per_s"] > 0
 
 
 def test_to_target_counts_tokens_and_training_seconds_by_hand():
