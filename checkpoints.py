@@ -117,14 +117,15 @@ def save_checkpoint(path: str | os.PathLike, *, stage: str, model: torch.nn.Modu
 
 
 def load_checkpoint(path: str | os.PathLike, stages: str | tuple[str, ...] | None = None,
-                    map_location: Any = "cpu", ckpt_dir: str | os.PathLike = "checkpoints") -> dict:
+                    map_location: Any = "cpu", ckpt_dir: str | os.PathLike = "checkpoints", mmap: bool = False) -> dict:
     """Load with weights_only=True (a pickle that would run code is refused) and check the stage.
-    Every failure a user can cause is a UserError with one clear line."""
+    Every failure a user can cause is a UserError with one clear line. mmap: the tensors are mapped from the
+    file, not read (a check of the entries costs next to nothing)."""
     path = resolve_ckpt(str(path), ckpt_dir)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e).upper():  # the pickle names a function or class: it could run code
             raise UserError(f"refusing to load {path}: it is not a plain-data checkpoint "

@@ -13,7 +13,8 @@ What it measures (the 124M `gpt2` model, random weights unless said):
      stays under 16 GB (the T4 question: what --micro-batch to give pretrain.py there)
   3. KV-cache generation tokens/s against transformers generate (bench.py's generate section)
   4. HellaSwag examples/s, batched (bench.py's hellaswag section, generated rows)
-  5. serve.py requests/s and time to first token at 32 streaming clients (bench.py's serve section)
+  5. serve.py requests/s and time to first token at 32 streaming clients against `transformers serve
+     --continuous-batching` and one request at a time (bench.py's serve section)
   6. pretrain.py for 200 steps with bf16 + torch.compile on the generated world's documents: the loss must
      fall and stay finite (nothing diverges under compile and autocast)
 
@@ -63,11 +64,12 @@ def settings(cfg: Config) -> dict:
     gpu = dict(model="gpt2", batch_size=cfg.batch_size, seq_len=cfg.seq_len, variants=["bf16+compile", "fp16", "fp32"],
                gen_batch_sizes=[1, 32], gen_tokens=128, prompt_len=32, hellaswag_rows=256, hellaswag_batch=64,
                serve_clients=[cfg.serve_clients], serve_requests=2 * cfg.serve_clients, serve_tokens=53, repeats=3,
+               serve_sides=["serve.py", "transformers", "one_at_a_time"],
                micro_batches=[2 ** i for i in range(cfg.max_micro_batch.bit_length())],
                pretrain_preset="gpt2", pretrain_steps=cfg.pretrain_steps)
     dry_run = dict(model="tiny", batch_size=2, seq_len=32, variants=["fp32"], gen_batch_sizes=[1], gen_tokens=8,
                    prompt_len=8, hellaswag_rows=8, hellaswag_batch=4, serve_clients=[2], serve_requests=4,
-                   serve_tokens=8, repeats=1, micro_batches=[1, 2], pretrain_preset="tiny", pretrain_steps=5)
+                   serve_tokens=8, serve_sides=["serve.py", "one_at_a_time"], repeats=1, micro_batches=[1, 2], pretrain_preset="tiny", pretrain_steps=5)
     return {**gpu, **(dry_run if cfg.dry_run else {})}
 
 
@@ -158,9 +160,12 @@ def format_table(results: dict) -> str:
               f"{row['ratio_vs_hf']['median']:.2f}x") for batch, row in results["generate"]["batches"].items()]
     rows.append((f"HellaSwag examples/s (batch {hs['batch_size']}, {hs['dtype']})", _fmt(hs["batched"]["per_s"]), "",
                  f"{hs['ratio']['median']:.1f}x one by one"))
-    rows += [(f"serve.py requests/s at {clients} clients (p95 TTFT)",
-              f"{level['batched']['requests_per_s']:.1f} ({_fmt(level['batched']['ttft_p95_s'], '.2f')} s)", "",
-              f"{level['ratio']['median']:.1f}x one at a time") for clients, level in results["serve"]["levels"].items()]
+    peer = lambda level: (f"{level['transformers']['requests_per_s']:.1f} ({_fmt(level['transformers']['ttft_p95_s'], '.2f')} s)"  # noqa: E731
+                          if "transformers" in level else "")
+    rows += [(f"serve.py requests/s at {clients} clients (p95 TTFT); transformers serve",
+              f"{level['serve.py']['requests_per_s']:.1f} ({_fmt(level['serve.py']['ttft_p95_s'], '.2f')} s)", peer(level),
+              ", ".join(f"{r['median']:.1f}x {side.replace('_', ' ')}" for side, r in level["ratio"].items()))
+             for clients, level in results["serve"]["levels"].items()]
     verdict = ("falls" if run["fell"] else "DOES NOT FALL") + ("" if run["finite"] else ", NOT FINITE")
     rows.append((f"pretrain.py {run['steps']} steps{' + compile' if run['compile'] else ''}: mean loss of the first "
                  f"-> last tenth", f"{run['loss_first']:.2f} -> {run['loss_last']:.2f} ({verdict})", "", ""))

@@ -133,12 +133,52 @@ class _CrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # the transformer
 
+# -----------------------------------------------------------------------------
+# matrix products at inference on a CPU
+
+ONEDNN_MIN_NUMEL = 1 << 20  # smaller matrices (the small preset's trunk) are faster through F.linear
+_ONEDNN_WEIGHTS: dict[int, tuple[int, int, torch.Tensor, torch.Tensor | None]] = {}  # id(weight) -> versions, copies
+
+
+def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) without autograd; on a CPU, through oneDNN's float32 inner product for a matrix of
+    at least ONEDNN_MIN_NUMEL entries. MKL's sgemm, which F.linear calls there, takes a generic path on CPUs it
+    does not recognise (AMD's): for a few rows, oneDNN is 1.5-2.7x faster against GPT-2's vocabulary matrix and
+    1.2-1.6x against the 124M model's trunk matrices on a 2-core EPYC (docs/serving.md), and a decoding step is
+    mostly these products. The same float32 arithmetic in another summation order (differences of ~1e-5). A
+    weight's oneDNN copy is kept while the weight is unchanged (its version counter: an optimizer step makes a
+    new copy) and dropped with the weight."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
+            or weight.numel() < ONEDNN_MIN_NUMEL or torch.compiler.is_compiling() \
+            or not torch.backends.mkldnn.is_available():
+        return F.linear(x, weight, bias)
+    key, versions = id(weight), (weight._version, bias._version if bias is not None else -1)
+    cached = _ONEDNN_WEIGHTS.get(key)
+    if cached is None or cached[:2] != versions:
+        if cached is None:
+            weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, key, None)
+        cached = _ONEDNN_WEIGHTS[key] = (*versions, weight.detach().to_mkldnn(),
+                                         bias.detach().to_mkldnn() if bias is not None else None)
+    flat = x.reshape(-1, x.size(-1)).contiguous()
+    out = torch._C._nn.mkldnn_linear(flat.to_mkldnn(), cached[2], cached[3]).to_dense()  # (N, out)
+    return out.view(*x.shape[:-1], weight.size(0))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose forward without autograd goes through cpu_linear (oneDNN on a CPU)."""
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        return cpu_linear(x, self.weight, self.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
@@ -165,9 +205,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -284,7 +324,7 @@ class GPT(nn.Module):
         projection's matmul (addmm); without autograd the padded columns are simply overwritten."""
         if torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad):
             return F.linear(x, self.lm_head.weight, self.vocab_bias)
-        logits = cpu_projection(x, self.lm_head.weight)
+        logits = cpu_linear(x, self.lm_head.weight)
         logits[..., TOKENIZER_VOCAB:] = float("-inf")
         return logits
 
@@ -413,33 +453,6 @@ class GPT(nn.Module):
 
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-# -----------------------------------------------------------------------------
-# the vocabulary projection at inference on a CPU
-
-_ONEDNN_WEIGHTS: dict[int, tuple[int, torch.Tensor]] = {}  # id(weight) -> (its version, its oneDNN copy)
-
-
-def cpu_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) without autograd, through oneDNN's float32 inner product on a CPU. MKL's sgemm,
-    which F.linear calls there, takes a generic path on CPUs it does not recognise (AMD's): for a few rows
-    against GPT-2's 50,304 x C vocabulary matrix, oneDNN is 1.5-2.7x faster on a 2-core EPYC (docs/serving.md),
-    and a decoding step is mostly this projection. The same float32 arithmetic in another summation order
-    (differences of ~1e-5). The weight's oneDNN copy is kept while the weight is unchanged (its version counter:
-    an optimizer step makes a new copy) and dropped with the weight."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or not torch.backends.mkldnn.is_available():
-        return F.linear(x, weight)
-    key = id(weight)
-    cached = _ONEDNN_WEIGHTS.get(key)
-    if cached is None or cached[0] != weight._version:
-        if cached is None:
-            weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, key, None)
-        cached = _ONEDNN_WEIGHTS[key] = (weight._version, weight.detach().to_mkldnn())
-    flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch._C._nn.mkldnn_linear(flat.to_mkldnn(), cached[1], None).to_dense()  # (N, V)
-    return out.view(*x.shape[:-1], weight.size(0))
 
 
 def load_hf_state_dict(model: GPT, hf_sd: dict):

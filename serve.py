@@ -38,14 +38,14 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import resolve_ckpt
+from checkpoints import load_checkpoint, resolve_ckpt
 import tldr
 from common import UserError, cli_main, compute_init, first_line
 from serving.app import create_app
 from serving.engine import Engine
 from serving.native import load_examples
 from serving.protocol import Models
-from summaries import DEFAULT_CKPT, DPO_CKPT, FALLBACK_CKPT, Summarizer, summarizer_dir
+from summaries import DEFAULT_CKPT, DPO_CKPT, FALLBACK_CKPT, SUMMARIZER_STAGES, Summarizer, summarizer_dir
 
 
 @dataclass
@@ -137,7 +137,8 @@ def main(cfg: Config):
     examples = load_examples(cfg.examples, cfg.num_examples)
     if not cfg.ckpt:  # after `make demo` the models are in checkpoints/small/, not checkpoints/
         cfg = dataclasses.replace(cfg, ckpt_dir=summarizer_dir(cfg.ckpt_dir, lambda text: print(text, file=sys.stderr, flush=True)))
-    checkpoint_paths(cfg)
+    for path in checkpoint_paths(cfg):  # a file that is not a summarizer checkpoint: found here, not once serving
+        load_checkpoint(path, SUMMARIZER_STAGES, mmap=True)
     # the server answers at once (/health: 503) and the models load beside it; a checkpoint that cannot be
     # served stops the server and the command exits 2 with its one line
     models, failure = Models(), []

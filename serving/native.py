@@ -12,8 +12,8 @@ import synthetic
 import tldr
 from common import UserError, first_line, get_tokenizer
 from serving.engine import Engine, Result, RowSpec, run_jobs
-from serving.protocol import (Models, RequestError, build_prompt, note_results, read_body, stream_events, take, take_post,
-                              take_sampling)
+from serving.protocol import (Models, RequestError, build_prompt, note_results, read_model_request, stream_events, take,
+                              take_post, take_sampling)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 MAX_TOP_PROBS = 20
@@ -46,8 +46,7 @@ def native_router(models: Models, cfg, example_posts: list[tldr.Post] | None = N
 
     @router.post("/api/summarize")
     async def summarize(request: Request):
-        body = await read_body(request, cfg.max_post_chars)
-        engine = models.pick(body.get("model"))
+        body, engine = await read_model_request(request, models, cfg.max_post_chars)
         text = take_post(body.get("post"), cfg.max_post_chars)
         post = tldr.Post(text, take(body, "title", str, "").strip(),
                          take(body, "subreddit", str, "").strip().removeprefix("r/"))

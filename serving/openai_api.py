@@ -21,7 +21,7 @@ import tldr
 from common import get_tokenizer
 from model import TOKENIZER_VOCAB
 from serving.engine import Engine, Result, RowSpec, decode_text, run_jobs, token_offsets
-from serving.protocol import (MAX_PROMPTS, Models, RequestError, build_prompt, note_results, read_body,
+from serving.protocol import (MAX_PROMPTS, Models, RequestError, build_prompt, note_results, read_model_request,
                               refuse_unsupported, sse, stream_events, take, take_n, take_post, take_sampling, take_stop,
                               take_stream)
 
@@ -63,8 +63,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
 
     @router.post("/v1/completions")
     async def v1_completions(request: Request):
-        body = await read_body(request, cfg.max_post_chars)
-        engine = models.pick(body.get("model"))
+        body, engine = await read_model_request(request, models, cfg.max_post_chars)
         refuse_unsupported(body, COMPLETION_UNSUPPORTED)
         template = take(body, "template", bool, False, optional=True) or False
         echo = take(body, "echo", bool, False, optional=True) or False
@@ -144,12 +143,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
             for i in range(len(rows)):
                 if results[i] is None:
                     results[i] = Result("", [], 0, "length", 0.0)
-            note_results(request, engine, results)
-            for i, r in enumerate(results):
-                send({**head, "choices": [{"index": i, "text": "", "logprobs": None,
-                                           "finish_reason": r.finish_reason}], **extra})
-            if include_usage:
-                send({**head, "choices": [], "usage": usage(specs, results, n)})
+            end_stream(send, request, engine, {**head, **extra}, specs, results, n, include_usage, {"text": ""})
 
         return streaming(produce)
 
@@ -157,8 +151,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def v1_chat_completions(request: Request):
-        body = await read_body(request, cfg.max_post_chars)
-        engine = models.pick(body.get("model"))
+        body, engine = await read_model_request(request, models, cfg.max_post_chars)
         refuse_unsupported(body, CHAT_UNSUPPORTED)
         post = chat_post(body, cfg.max_post_chars)
         tokens_field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -202,11 +195,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
                                             "finish_reason": None}]})
 
             results = await run_jobs(engine, specs, on_token)
-            note_results(request, engine, results)
-            for i, r in enumerate(results):
-                send({**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": r.finish_reason}]})
-            if include_usage:
-                send({**chunk, "choices": [], "usage": usage(specs, results, n)})
+            end_stream(send, request, engine, chunk, specs, results, n, include_usage, {"delta": {}})
 
         return streaming(produce)
 
@@ -214,8 +203,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(request: Request):
-        body = await read_body(request, cfg.max_post_chars)
-        engine = models.pick(body.get("model"))
+        body, engine = await read_model_request(request, models, cfg.max_post_chars)
         if "messages" in body:  # the prompt a chat request becomes
             ids, _ = build_prompt(engine, chat_post(body, cfg.max_post_chars), engine.budget)
         else:
@@ -228,8 +216,7 @@ def openai_router(models: Models, cfg) -> APIRouter:
 
     @router.post("/detokenize")
     async def detokenize(request: Request):
-        body = await read_body(request, cfg.max_post_chars)
-        models.pick(body.get("model"))
+        body, _ = await read_model_request(request, models, cfg.max_post_chars)
         ids = body.get("tokens")
         if not (isinstance(ids, list) and all(is_token(t) for t in ids)):
             raise RequestError(422, f"tokens must be a list of token ids in [0, {TOKENIZER_VOCAB})", "tokens")
@@ -330,6 +317,17 @@ def streaming(produce) -> StreamingResponse:
 
     return StreamingResponse(with_done(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def end_stream(send, request: Request, engine: Engine, chunk: dict, specs: list[RowSpec], results: list[Result],
+               n: int, include_usage: bool, empty: dict):
+    """A stream's last chunks: each choice's finish_reason (with an `empty` text or delta), then the usage when
+    asked for."""
+    note_results(request, engine, results)
+    for i, r in enumerate(results):
+        send({**chunk, "choices": [{"index": i, **empty, "logprobs": None, "finish_reason": r.finish_reason}]})
+    if include_usage:
+        send({**chunk, "choices": [], "usage": usage(specs, results, n)})
 
 
 def usage(specs: list[RowSpec], results: list[Result], n: int) -> dict:

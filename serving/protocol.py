@@ -103,6 +103,12 @@ async def read_body(request: Request, max_post_chars: int) -> dict:
     return parse_body(raw)
 
 
+async def read_model_request(request: Request, models: "Models", max_post_chars: int) -> tuple[dict, Engine]:
+    """The request's JSON body and the engine of the model it names (the default one when it names none)."""
+    body = await read_body(request, max_post_chars)
+    return body, models.pick(body.get("model"))
+
+
 def parse_body(raw: bytes) -> dict:
     try:
         body = json.loads(raw.decode("utf-8"))

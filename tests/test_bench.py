@@ -93,12 +93,14 @@ def test_rate_stats_and_paired_ratio_by_hand():
 def test_check_targets_reads_medians_and_marks_missing_parts():
     results = {"train": {"variants": {"fp32": {"ratio": {"median": 1.2, "min": 0.9, "max": 1.3}}}},
                "generate": {"batches": {"8": {"ratio_vs_hf": {"median": 1.4}, "ratio_vs_no_cache": {"median": 9.0}}}},
-               "serve": {"levels": {"8": {"ratio": {"median": 3.2}}}}}
+               "serve": {"levels": {"8": {"ratio": {"one_at_a_time": {"median": 3.2}, "transformers": {"median": 1.9}}},
+                                    "1": {"ratio": {"transformers": {"median": 1.0}}}}}}
     got = {t["key"]: (t["value"], t["met"]) for t in bench.check_targets(results)}
     assert got == {"train.variants.fp32.ratio": (1.2, True), "generate.batches.8.ratio_vs_hf": (1.4, False),
                    "generate.batches.8.ratio_vs_no_cache": (9.0, True),
                    "generate.batches.1.ratio_vs_no_cache": (None, None), "hellaswag.ratio": (None, None),
-                   "serve.levels.8.ratio": (3.2, True)}
+                   "serve.levels.1.ratio.transformers": (1.0, True), "serve.levels.8.ratio.transformers": (1.9, False),
+                   "serve.levels.32.ratio.transformers": (None, None), "serve.levels.8.ratio.one_at_a_time": (3.2, True)}
 
 
 @pytest.mark.parametrize("overrides, message", [

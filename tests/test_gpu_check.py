@@ -20,7 +20,7 @@ def test_dry_run_measures_every_part_and_appends_nothing(tmp_path):
     assert train["ours"]["per_s"] > 0 and train["hf"]["per_s"] > 0
     assert train["max_loss_diff"] < 1e-3  # same weights and batch: the two models follow one loss trajectory
     assert results["generate"]["batches"]["1"]["agree_hf"] == 1.0  # greedy tokens identical to transformers'
-    assert results["serve"]["levels"]["2"]["batched"]["errors"] == 0
+    assert results["serve"]["levels"]["2"]["serve.py"]["errors"] == 0
     assert list(results["memory"]["peak_gb"]) == ["1", "2"]  # every micro-batch ran (no GPU memory on a CPU)
     run = results["pretrain_run"]
     assert run["steps"] == 5 and run["finite"] and run["fell"]

@@ -330,3 +330,28 @@ def test_score_model_reward_at_last_real_token(tiny_config):
     torch.testing.assert_close(r_left, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(r_right, alone, atol=1e-5, rtol=0)
     assert values.shape == (1, 10) and torch.allclose(values[0, -1], alone[0], atol=1e-5)
+
+
+def test_cpu_linear_equals_f_linear_and_follows_the_weight():
+    """Inference products through oneDNN give F.linear's float32 result to 1e-5, for the vocabulary matrix and a
+    trunk matrix with its bias; an in-place change of the weight (an optimizer step) is seen at the next call; a
+    matrix under the size threshold and a tensor that needs grad take F.linear itself."""
+    from model import ONEDNN_MIN_NUMEL, Linear, cpu_linear
+    torch.manual_seed(0)
+    big = torch.randn(ONEDNN_MIN_NUMEL // 64 + 7, 64)
+    bias = torch.randn(big.size(0))
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(cpu_linear(x, big), F.linear(x, big), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpu_linear(x, big, bias), F.linear(x, big, bias), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        big.mul_(2)
+        bias.add_(1)
+    torch.testing.assert_close(cpu_linear(x, big, bias), F.linear(x, big, bias), atol=1e-5, rtol=1e-5)
+    small = torch.randn(8, 64)
+    assert torch.equal(cpu_linear(x, small), F.linear(x, small))
+    layer = Linear(64, ONEDNN_MIN_NUMEL // 64 + 1)
+    with torch.no_grad():
+        fast = layer(x)
+    slow = layer(x)  # grad enabled: the training path
+    assert slow.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)

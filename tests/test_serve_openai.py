@@ -16,25 +16,23 @@ import serve
 import tldr
 from checkpoints import save_checkpoint
 from common import config_from, get_tokenizer
-from model import EOS_ID, GPT, GPTConfig
+from model import EOS_ID, GPT
 from serving.app import create_app
 from serving.protocol import Models
+from test_serve import _long_lm
 from test_summarize import INFO, POST, _greedy, _lm
 
 HELLASWAG_ROWS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "hellaswag" / "hellaswag_val_first10.jsonl"
 TOK = get_tokenizer()
 
 
-def _scorer() -> GPT:
-    """Untrained, with a context long enough for HellaSwag rows."""
-    torch.manual_seed(5)
-    return GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=32)).eval()
+_scorer = _long_lm  # untrained, with a context long enough for HellaSwag rows
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    """A client of the app serving ppo_latest (the peaked tiny model of test_summarize) and scorer (256-token
-    context), with the app's Models so a test can look inside."""
+    """A client of the app serving ppo_latest (the peaked tiny model of test_summarize) and scorer (a 1,024-token
+    context)."""
     out = tmp_path_factory.mktemp("openai_ckpts")
     save_checkpoint(out / "ppo_latest.pt", stage="ppo", model=_lm(1), tldr=INFO, step=3)
     save_checkpoint(out / "scorer.pt", stage="sft", model=_scorer(),
@@ -252,7 +250,7 @@ def test_tokenize_and_detokenize(api):
     r = api.post("/detokenize", json={"tokens": [1, -1]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
     models = api.get("/v1/models").json()
-    assert [m["id"] for m in models["data"]] == ["ppo_latest", "scorer"] and models["data"][1]["max_model_len"] == 256
+    assert [m["id"] for m in models["data"]] == ["ppo_latest", "scorer"] and models["data"][1]["max_model_len"] == 1024
     assert api.get("/v1/models/scorer").json()["id"] == "scorer"
     assert api.get("/v1/models/nope").status_code == 404
 
@@ -303,3 +301,12 @@ def test_request_ids_and_one_access_line_per_request(api, capfd):
     assert lines[1].startswith(f"access: {made} GET /health 200 tokens=0 ")
     assert lines[2].startswith(f"access: {r404.headers['x-request-id']} GET /nowhere 404 ") and len(lines) == 3
     assert secret not in "".join(lines)
+
+
+def test_stop_text_holds_back_what_could_start_a_stop_string():
+    from serving.engine import StopText
+    s = StopText(["ab", "xyz"])
+    assert [s.feed(p) for p in ("12a", "c", "x", "y")] == ["12", "ac", "", ""] and not s.stopped
+    assert s.feed("zQ") == "" and s.stopped and s.feed("more") == "" and s.finish() == ""
+    t = StopText(["ab"])
+    assert t.feed("xa") == "x" and t.finish() == "a"  # the end of the text releases what was held back
