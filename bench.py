@@ -59,6 +59,7 @@ import fineweb
 import hellaswag
 import ppo
 import pretrain
+import serve
 import summaries
 import synthetic
 import tldr
@@ -441,7 +442,6 @@ def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_bat
     import shutil
     import subprocess
     import sys
-    import httpx
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     servers = {}
     for side in sides:
@@ -460,21 +460,11 @@ def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_bat
         servers[side] = (proc, f"http://127.0.0.1:{port}", model)
     deadline = time.time() + 180
     for side, (proc, url, _) in servers.items():
-        while True:
-            if proc.poll() is not None:
-                for p, _, _ in servers.values():
-                    p.kill()
-                raise UserError(f"the {side} server did not start: {proc.stderr.read().strip()[-300:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                for p, _, _ in servers.values():
-                    p.kill()
-                raise UserError(f"the {side} server did not answer /health within 180 s")
-            time.sleep(0.2)
+        if not serve.wait_until_serving(url, proc, deadline - time.time()):
+            for p, _, _ in servers.values():
+                p.kill()
+            raise UserError(f"the {side} server did not start: {proc.stderr.read().strip()[-300:]}"
+                            if proc.poll() is not None else f"the {side} server did not answer /health within 180 s")
     return servers
 
 

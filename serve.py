@@ -33,6 +33,7 @@ import dataclasses
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,22 @@ def check_port_free(host: str, port: int):
             s.bind((host, port))
         except OSError as e:
             raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def wait_until_serving(url: str, proc, seconds: float) -> bool:
+    """Whether the server started as the process `proc` (serve.py, or another OpenAI-compatible server) answers
+    `url`/health with 200 within `seconds`: False when the process ends first or the time runs out. For whoever
+    starts one in a process of its own (bench.py, the tests); it polls every 0.2 s (503 while loading)."""
+    import httpx
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 def main(cfg: Config):

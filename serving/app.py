@@ -58,58 +58,31 @@ def host_allowed(host: str, allowed: list[str]) -> bool:
     return any(p == "*" or host == p or (p.startswith("*.") and host.endswith(p[1:])) for p in allowed)
 
 
-class Guard:
-    """The outermost layer of the app (pure ASGI): a request for a Host name that is not allowed gets a 400,
-    and an exception no handler took becomes a JSON 500 and one line in the log. Starlette's own last handler
-    re-raises such an exception after answering, so the server logs a traceback and drops the connection
-    (keep-alive with it); here it ends with the answer."""
-
-    def __init__(self, app, allowed: list[str]):
-        self.app, self.allowed = app, allowed
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.allowed != ["*"]:
-            host = host_name(Headers(scope=scope).get("host"))
-            if host is None or not host_allowed(host, self.allowed):
-                shown = "none" if host is None else repr(host[:100])
-                return await error_response(400, f"this server does not serve the host name {shown} (allowed: "
-                                                 f"{', '.join(self.allowed)}; serve.py --allowed-hosts)")(scope, receive, send)
-        started = False
-
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked)
-        except Exception as e:
-            log(f"error: {scope.get('method')} {scope.get('path')}: {type(e).__name__}: {e}")
-            if not started:
-                await error_response(500, "internal server error")(scope, receive, send)
-
-
 REQUEST_ID = re.compile(r"[\w.:-]{1,64}")  # a client's X-Request-Id that is kept (else the server makes one)
 
 
-class AccessLog:
-    """Every request gets an id (the client's X-Request-Id when it is a short plain token, else a new one), sent
-    back as X-Request-Id and used in the response's `id`, and, when its response has ended, one line in the log
-    - id, method, path, status, tokens generated, seconds; never a body - and its count and latency in /metrics."""
+class Guard:
+    """The outermost layer of the app (pure ASGI).
+    - A request for a Host name that is not allowed gets a 400.
+    - Every request gets an id (the client's X-Request-Id when it is a short plain token, else a new one), sent back
+      as X-Request-Id and used in the OpenAI responses' `id`; when its response has ended, one line in the log - id,
+      method, path, status, tokens generated, seconds; never a body - and its count and latency in /metrics.
+    - An exception no handler took becomes a JSON 500 and one line in the log. Starlette's own last handler
+      re-raises such an exception after answering, so the server logs a traceback and drops the connection
+      (keep-alive with it); here it ends with the answer."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, allowed: list[str], metrics: Metrics):
+        self.app, self.allowed, self.metrics = app, allowed, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        given = Headers(scope=scope).get("x-request-id", "")
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
         request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:24]
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, tokens=0)
-        status, start = 500, time.perf_counter()
+        status, start = None, time.perf_counter()
 
         async def tagged(message):
             nonlocal status
@@ -119,13 +92,22 @@ class AccessLog:
             await send(message)
 
         try:
+            host = host_name(headers.get("host"))
+            if self.allowed != ["*"] and (host is None or not host_allowed(host, self.allowed)):
+                shown = "none" if host is None else repr(host[:100])
+                return await error_response(400, f"this server does not serve the host name {shown} (allowed: "
+                                                 f"{', '.join(self.allowed)}; serve.py --allowed-hosts)")(scope, receive, tagged)
             await self.app(scope, receive, tagged)
+        except Exception as e:
+            log(f"error: {scope.get('method')} {scope.get('path')}: {type(e).__name__}: {e}")
+            if status is None:
+                await error_response(500, "internal server error")(scope, receive, tagged)
         finally:
             seconds = time.perf_counter() - start
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            self.metrics.request_done(route, scope["method"], status, seconds)
-            log(f"access: {request_id} {scope['method']} {scope['path'][:200]} {status} tokens={state.get('tokens', 0)} "
-                f"{seconds:.3f}s")
+            self.metrics.request_done(route, scope["method"], status or 500, seconds)
+            log(f"access: {request_id} {scope['method']} {scope['path'][:200]} {status or 500} "
+                f"tokens={state.get('tokens', 0)} {seconds:.3f}s")
 
 
 def create_app(models: Models | dict[str, Engine], cfg, example_posts=None) -> FastAPI:
@@ -166,6 +148,5 @@ def create_app(models: Models | dict[str, Engine], cfg, example_posts=None) -> F
 
     app.include_router(native_router(models, cfg, example_posts))
     app.include_router(openai_router(models, cfg))
-    app.add_middleware(Guard, allowed=allowed_hosts(cfg))
-    app.add_middleware(AccessLog, metrics=metrics)
+    app.add_middleware(Guard, allowed=allowed_hosts(cfg), metrics=metrics)
     return app

@@ -485,17 +485,9 @@ def server(ckpt_dir, small_sft_ckpt, server_log):
                              "--port", str(port), "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=server_log.open("w"), text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert proc.poll() is None, server_log.read_text()
-            time.sleep(0.2)
-    else:
+    if not serve.wait_until_serving(url, proc, 90):
         proc.kill()
-        pytest.fail("serve.py did not come up")
+        pytest.fail(f"serve.py did not come up: {server_log.read_text()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
