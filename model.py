@@ -137,7 +137,7 @@ class _CrossEntropy(torch.autograd.Function):
 # matrix products at inference on a CPU
 
 ONEDNN_MIN_NUMEL = 1 << 20  # smaller matrices (the small preset's trunk) are faster through F.linear
-_ONEDNN_WEIGHTS: dict[int, tuple[int, int, torch.Tensor, torch.Tensor | None]] = {}  # id(weight) -> versions, copies
+_ONEDNN_WEIGHTS: dict[int, tuple] = {}  # id(weight) -> (its versions and storage, its oneDNN copy, the bias's)
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,15 +152,18 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
             or weight.numel() < ONEDNN_MIN_NUMEL or torch.compiler.is_compiling() \
             or not torch.backends.mkldnn.is_available():
         return F.linear(x, weight, bias)
-    key, versions = id(weight), (weight._version, bias._version if bias is not None else -1)
+    # the versions count in-place changes; the storage pointers catch a weight whose tensor was swapped
+    key = id(weight)
+    versions = (weight._version, weight.data_ptr(), bias._version if bias is not None else -1,
+                bias.data_ptr() if bias is not None else 0)
     cached = _ONEDNN_WEIGHTS.get(key)
-    if cached is None or cached[:2] != versions:
+    if cached is None or cached[0] != versions:
         if cached is None:
             weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, key, None)
-        cached = _ONEDNN_WEIGHTS[key] = (*versions, weight.detach().to_mkldnn(),
+        cached = _ONEDNN_WEIGHTS[key] = (versions, weight.detach().to_mkldnn(),
                                          bias.detach().to_mkldnn() if bias is not None else None)
     flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch._C._nn.mkldnn_linear(flat.to_mkldnn(), cached[2], cached[3]).to_dense()  # (N, out)
+    out = torch._C._nn.mkldnn_linear(flat.to_mkldnn(), cached[1], cached[2]).to_dense()  # (N, out)
     return out.view(*x.shape[:-1], weight.size(0))
 
 

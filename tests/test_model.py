@@ -347,6 +347,12 @@ def test_cpu_linear_equals_f_linear_and_follows_the_weight():
         big.mul_(2)
         bias.add_(1)
     torch.testing.assert_close(cpu_linear(x, big, bias), F.linear(x, big, bias), atol=1e-5, rtol=1e-5)
+    layer = Linear(64, big.size(0))
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.data = big.clone()  # a new tensor under the same Parameter (its version may start over)
+        torch.testing.assert_close(layer(x), F.linear(x, big, layer.bias), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, layer(x).detach())
     small = torch.randn(8, 64)
     assert torch.equal(cpu_linear(x, small), F.linear(x, small))
     layer = Linear(64, ONEDNN_MIN_NUMEL // 64 + 1)
