@@ -114,7 +114,7 @@ def test_every_stage_at_the_gpt2_size_on_the_cpu(tmp_path):
                                              "--max-new-tokens", "8", POST])
     assert summary.count("\n") == 1  # one summary line (what it says is noise after two steps)
     t0 = time.perf_counter()
-    server, url = bench.start_servers(ck / "ppo_latest.pt", {"serve": 32}, "cpu")["serve"]
+    server, url, _ = bench.start_servers(ck / "ppo_latest.pt", None, ["serve.py"], 32, "cpu")["serve.py"]
     try:
         reply = httpx.post(url + "/v1/completions", json={"model": "ppo_latest", "prompt": POST, "max_tokens": 8,
                                                           "temperature": 0}, timeout=120)
