@@ -22,7 +22,7 @@ test: $(STAMP)
 
 # what does not fit the suite's 8 minutes: two learning checks (PPO's gold-score rise, HellaSwag label PPO), the
 # serving benchmark against transformers serve, and every stage at the 124M size on the CPU; in one process, so that
-# each run has every core (about 16 minutes on 2 cores)
+# each run has every core (about 11 minutes on 2 cores)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow -n 0
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ from typing import Callable
 
 import torch
 
+import export
 import fineweb
 import hellaswag
 import ppo
@@ -542,16 +544,13 @@ def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
     --serve-tokens), each in its own process with --threads torch threads; the peer serves export.py's folder of
     that checkpoint. Prompts: generated TL;DR posts in the checkpoint's template, sent as raw text. For each
     client count, rounds that alternate the sides' order, each a closed loop of streaming requests."""
-    import export
     sides = list(dict.fromkeys(cfg.serve_sides))
     if not sides or sides[0] != "serve.py" or any(s not in SERVE_SIDES for s in sides):
         raise UserError(f"--serve-sides must start with serve.py and name only {', '.join(SERVE_SIDES)}, got {sides}")
-    if "transformers" in sides:
-        try:
-            import accelerate  # noqa: F401  `transformers serve --continuous-batching` needs it
-        except ImportError:
-            raise UserError("the transformers side needs accelerate (pip install accelerate), or leave it out: "
-                            "--serve-sides serve.py one_at_a_time") from None
+    if "transformers" in sides and importlib.util.find_spec("accelerate") is None:
+        # `transformers serve --continuous-batching` needs it
+        raise UserError("the transformers side needs accelerate (pip install accelerate), or leave it out: "
+                        "--serve-sides serve.py one_at_a_time")
     world = synthetic.make_world(seed=cfg.seed, num_posts=400)["train"]
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(cfg.serve_ckpt) if cfg.serve_ckpt else Path(tmp) / "bench_summarizer.pt"
