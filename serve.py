@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import load_checkpoint, resolve_ckpt
 import tldr
+from checkpoints import load_checkpoint, resolve_ckpt
 from common import UserError, cli_main, compute_init, first_line
 from serving.app import create_app
 from serving.engine import Engine

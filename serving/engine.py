@@ -544,12 +544,14 @@ def loop_mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
     return box
 
 
-async def run_jobs(engine: Engine, specs: list[RowSpec],
-                   on_token: Callable[[int, dict, float], None] | None = None) -> list[Result]:
+async def run_jobs(engine: Engine, specs: list[RowSpec], on_token: Callable[[int, dict, float], None] | None = None,
+                   on_prompt: Callable[[int, list, list], None] | None = None) -> list[Result]:
     """Submit one job per row, await every row's end. on_token(row, event, elapsed) is called in the event
     loop for each token, with the text piece it adds ("text"; at the end, one event with id None for what was
-    held back). A row whose text reaches a stop string ends there (its job is stopped). If the caller is
-    cancelled (a client that went away), its rows are stopped."""
+    held back); on_prompt(row, logprobs, top) with a row's prompt log-probs, before its first token. A row with
+    nothing to compute (no new tokens, no prompt log-probs) ends at once, without the engine. A row whose text
+    reaches a stop string ends there (its job is stopped). If the caller is cancelled (a client that went away),
+    its rows are stopped."""
     box = loop_mailbox(asyncio.get_running_loop())
     events: asyncio.Queue = asyncio.Queue()
     jobs, start = [], time.perf_counter()
@@ -563,9 +565,12 @@ async def run_jobs(engine: Engine, specs: list[RowSpec],
             box.post(events.put_nowait, (row, event))
         jobs.append(Job(spec.prompt, s.max_new_tokens, s.temperature, s.top_k, s.top_p, gen, spec.top_probs, emit,
                         spec.logprobs, spec.prompt_logprobs, s.presence_penalty, s.frequency_penalty))
-    for job in jobs:
-        engine.submit(job)
     results: list[Result | None] = [None] * len(jobs)
+    for row, (job, spec) in enumerate(zip(jobs, specs)):
+        if spec.sampling.max_new_tokens == 0 and spec.prompt_logprobs is None:
+            results[row] = outputs[row].result("length")
+        else:
+            engine.submit(job)
 
     def finish(row: int, reason: str):
         tail = outputs[row].finish()
@@ -584,6 +589,8 @@ async def run_jobs(engine: Engine, specs: list[RowSpec],
                 raise GenerationError(event["message"])
             if event["kind"] == "prompt":
                 out.prompt_logprobs, out.prompt_top = event["logprobs"], event["top"]
+                if on_prompt is not None:
+                    on_prompt(row, event["logprobs"], event["top"])
             elif event["kind"] == "done":
                 finish(row, "stop" if event["ended"] else "length")
             else:

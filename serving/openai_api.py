@@ -81,10 +81,8 @@ def openai_router(models: Models, cfg) -> APIRouter:
         specs = []
         for ids in prompts:
             budget = min(sampling.max_new_tokens, engine.budget, engine.block_size - len(ids))
-            # a row with nothing to generate still runs one forward when echoed: its prompt's log-probs
-            prompt_lp = logprobs if echo and logprobs is not None else (0 if budget == 0 else None)
             specs += [RowSpec(ids, dataclasses.replace(sampling, max_new_tokens=budget), strip=False, stop=stop,
-                              logprobs=logprobs, prompt_logprobs=prompt_lp)] * n
+                              logprobs=logprobs, prompt_logprobs=logprobs if echo else None)] * n
         head = {"id": f"cmpl-{request.state.request_id}", "object": "text_completion", "created": int(time.time()),
                 "model": engine.name}
 
@@ -111,10 +109,9 @@ def openai_router(models: Models, cfg) -> APIRouter:
             extra = {"usage": None} if include_usage else {}
             offsets = [len(decode_text(s.prompt, tok)) if not echo else 0 for s in specs]
 
-            def on_prompt(i: int, result_prompt_lp, result_prompt_top):
+            def on_prompt(i: int, prompt_lp: list | None, prompt_top: list | None):
                 text = decode_text(specs[i].prompt, tok)
-                lp = legacy_logprobs(specs[i].prompt, result_prompt_lp, result_prompt_top, tok) \
-                    if logprobs is not None else None
+                lp = legacy_logprobs(specs[i].prompt, prompt_lp, prompt_top, tok) if prompt_lp is not None else None
                 send({**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": None}], **extra})
                 offsets[i] = len(text)
 
@@ -128,21 +125,11 @@ def openai_router(models: Models, cfg) -> APIRouter:
                 send({**head, "choices": [{"index": i, "text": event["text"], "logprobs": lp, "finish_reason": None}],
                       **extra})
 
-            if echo:  # the prompt goes first; its log-probs need the model, so those rows ask for them alone
-                scored = await run_jobs(engine, [dataclasses.replace(s, sampling=dataclasses.replace(
-                    s.sampling, max_new_tokens=0), prompt_logprobs=s.prompt_logprobs or 0, stop=()) for s in specs])
-                for i, r in enumerate(scored):
-                    on_prompt(i, r.prompt_logprobs, r.prompt_top)
-            rows = [dataclasses.replace(s, prompt_logprobs=None) for s in specs]
-            live = [i for i, s in enumerate(rows) if s.sampling.max_new_tokens > 0]
-            results: list[Result | None] = [None] * len(rows)
-            if live:
-                done = await run_jobs(engine, [rows[i] for i in live], lambda k, e, t: on_token(live[k], e, t))
-                for i, r in zip(live, done):
-                    results[i] = r
-            for i in range(len(rows)):
-                if results[i] is None:
-                    results[i] = Result("", [], 0, "length", 0.0)
+            # the echoed prompt goes first: its text at once, or with its log-probs when the engine has them
+            if echo and logprobs is None:
+                for i in range(len(specs)):
+                    on_prompt(i, None, None)
+            results = await run_jobs(engine, specs, on_token, on_prompt if echo and logprobs is not None else None)
             end_stream(send, request, engine, {**head, **extra}, specs, results, n, include_usage, {"text": ""})
 
         return streaming(produce)

@@ -190,7 +190,8 @@ def take_stop(body: dict) -> tuple[str, ...]:
 
 
 def take_n(body: dict, prompts: int) -> int:
-    n = take(body, "n", int, 1, optional=True) or 1
+    n = take(body, "n", int, 1, optional=True)
+    n = 1 if n is None else n
     if not 1 <= n or n * prompts > MAX_COMPLETIONS:
         raise RequestError(422, f"n must be >= 1 and n x prompts at most {MAX_COMPLETIONS}, got {n} x {prompts}", "n")
     return n

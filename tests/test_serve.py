@@ -208,6 +208,7 @@ def test_openai_endpoint_bad_input(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     for body, param, message in [({"prompt": ""}, "prompt", "prompt is empty"),
                                  ({"prompt": "hi", "n": 17}, "n", "n must be"),
+                                 ({"prompt": "hi", "n": 0}, "n", "n must be"),
                                  ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "0 only with echo"),
                                  ({"prompt": "hi", "logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
                                  ({"prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
@@ -226,6 +227,9 @@ def test_openai_endpoint_bad_input(client):
     longest = client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "max_tokens": 10,
                                                    "temperature": 0}).json()["choices"][0]
     assert capped == longest  # 256 is the budget of 10, as OpenAI caps at a model's limit
+    three = client.post("/v1/completions", json={"model": "best_sft", "prompt": "hi", "max_tokens": 3,
+                                                 "temperature": 0}).json()
+    assert three["usage"]["completion_tokens"] <= 3 and longest["text"].startswith(three["choices"][0]["text"])
     for method, path in (("GET", "/nowhere"), ("DELETE", "/v1/completions")):
         r = client.request(method, path)
         assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}

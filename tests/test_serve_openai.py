@@ -118,6 +118,23 @@ def test_echo_alone_and_text_offsets(api):
     assert lp["tokens"][11:13] == [" \ufffd", "\ufffd"]
 
 
+def test_streamed_echo_equals_the_whole_response(api):
+    """Streamed, an echoed prompt comes first (with its log-probs), then the completion's tokens: the chunks join
+    to the non-streamed choice, text and log-probs alike; echo without log-probs and max_tokens 0 need no model."""
+    body = {"model": "scorer", "prompt": "The quick brown fox", "max_tokens": 6, "echo": True, "logprobs": 2,
+            "temperature": 0}
+    whole = api.post("/v1/completions", json=body).json()["choices"][0]
+    events = _stream(api, "/v1/completions", body)
+    chunks = [e["choices"][0] for e in events[:-1]]
+    assert chunks[0]["text"] == "The quick brown fox" and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == whole["finish_reason"]
+    joined = [x for c in chunks if c["logprobs"] for x in c["logprobs"]["token_logprobs"]]
+    assert joined == whole["logprobs"]["token_logprobs"]
+    assert [x for c in chunks if c["logprobs"] for x in c["logprobs"]["text_offset"]] == whole["logprobs"]["text_offset"]
+    bare = _stream(api, "/v1/completions", {**body, "max_tokens": 0, "logprobs": None})
+    assert [e["choices"][0]["text"] for e in bare[:-1]] == ["The quick brown fox", ""]
+
+
 def test_generated_logprobs_and_leading_space(api):
     """Without echo: the completion's own tokens with the model's log-probs; greedy, each chosen token is its
     step's likeliest; text_offset counts from the end of the prompt; the text keeps its leading space."""
