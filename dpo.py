@@ -38,11 +38,12 @@ import torch.nn.functional as F
 
 import summaries
 import tldr
-from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, prompt_info, resolve_ckpt
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, prompt_info
 from common import UserError, all_reduce_sum, check_flags, cli_main, print0
 from model import GPT, pack_summaries
-from training import (RunFlags, begin_step, checkpoint_writer, grad_accum_steps, init_runtime, lr_at, micro_steps,
-                      prepare_for_training, start_position, start_run, step_seconds, update_step, use_compile)
+from training import (RunFlags, begin_step, best_and_latest, checkpoint_writer, grad_accum_steps, init_runtime, lr_at,
+                      micro_steps, prepare_for_training, start_position, start_run, step_seconds, update_step,
+                      use_compile)
 
 STAGE = "dpo"
 SFT_STAGES = ("sft",)
@@ -306,7 +307,7 @@ def main(cfg: Config) -> dict:
     # --- setup
     rt = init_runtime(cfg)
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="pairs")
-    best_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
+    best_path, latest_path = best_and_latest(cfg)
 
     # --- models: the reference is the SFT model, frozen; the policy starts from it (or from --resume)
     ref, sft_ckpt = load_lm(cfg.sft, cfg.ckpt_dir, SFT_STAGES, dropout=0.0, flag="--sft", hub=False)

@@ -38,7 +38,7 @@ import hellaswag_task
 import summaries
 import tldr
 from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, model_state_dict,
-                         prompt_info, resolve_ckpt, rng_state, same_weights, save_checkpoint)
+                         prompt_info, resolve_ckpt, same_weights)
 from common import UserError, all_reduce_sum, check_flags, cli_main, print0
 from model import EOS_ID, GPT, PAD_ID, ScoreModel, last_real_index, left_pad, position_kl, sampling_logprobs
 from rollouts import (Rollout, Task, TokenActions, chunks, masked, response_logits, response_texts, token_logprobs,
@@ -639,13 +639,10 @@ def main(cfg: Config) -> dict:
         done = step + 1
         if run.is_last(done) or run.is_due(done, cfg.eval_every):
             evaluate_and_log(task, policy, ref, run, done, metrics)
-        if run.is_last(done) or run.is_due(done, cfg.save_every):
-            if rt.master:
-                save_checkpoint(ckpt_path, stage=STAGE, model=policy, step=done, config=cfg, metrics=metrics,
-                                optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state(),
-                                value_model=model_state_dict(value), value_config=asdict(value.config),
-                                kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
-                run.saved(ckpt_path, done)
+        if rt.master and run.save_is_due(done, cfg.save_every):
+            run.save(ckpt_path, done, stage=STAGE, model=policy, config=cfg, metrics=metrics, optimizer=optimizer,
+                     scaler=scaler, data_state=loader.state_dict(), value_model=model_state_dict(value),
+                     value_config=asdict(value.config), kl_coef=kl_ctl.value, task=cfg.task, **task.checkpoint_extra())
     return run.finish(metrics)
 
 

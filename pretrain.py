@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 import hellaswag
-from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt, rng_state, save_checkpoint
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt
 from common import UserError, all_reduce_sum, check_flags, cli_main, first_line, get_tokenizer, mfu, print0
 from model import EOS_ID, GPT, MODEL_PRESETS, TOKENIZER_VOCAB, model_config
 from training import (OPTIMIZERS, RunFlags, begin_step, build_optimizer, grad_accum_steps, init_runtime, lr_at,
@@ -380,10 +380,9 @@ def main(cfg: Config) -> dict:
         done = step + 1
         if run.is_last(done) or run.is_due(done, cfg.eval_every):
             run_evals(done)
-        if rt.master and (run.is_last(done) or (cfg.save_every and done % cfg.save_every == 0)):
-            save_checkpoint(ckpt_path, stage=STAGE, model=raw, step=done, config=cfg, metrics=metrics,
-                            optimizer=optimizer, scaler=scaler, data_state=loader.state_dict(), rng=rng_state())
-            run.saved(ckpt_path, done)
+        if rt.master and run.save_is_due(done, cfg.save_every):
+            run.save(ckpt_path, done, stage=STAGE, model=raw, config=cfg, metrics=metrics, optimizer=optimizer,
+                     scaler=scaler, data_state=loader.state_dict())
     return run.finish(metrics)
 
 

@@ -36,12 +36,12 @@ import torch.nn.functional as F
 
 import summaries
 import tldr
-from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, prompt_info, resolve_ckpt,
-                         rng_state, save_checkpoint)
+from checkpoints import (build_from_checkpoint, load_checkpoint, load_lm, load_reward_model, prompt_info,
+                         save_checkpoint)
 from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0, unwrap
-from model import PAD_ID, ScoreModel, pack_summaries
-from training import (RunFlags, begin_step, grad_accum_steps, init_runtime, lr_at, micro_steps, prepare_for_training,
-                      restore_training_state, start_run, step_seconds, update_step, use_compile)
+from model import ScoreModel, pack_summaries
+from training import (RunFlags, begin_step, best_and_latest, grad_accum_steps, init_runtime, lr_at, micro_steps,
+                      prepare_for_training, restore_training_state, start_run, step_seconds, update_step, use_compile)
 
 STAGE = "reward_model"
 INIT_STAGES = ("sft",)
@@ -283,7 +283,7 @@ def main(cfg: Config) -> dict:
     # --- setup
     rt = init_runtime(cfg)
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="pairs")
-    out_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
+    out_path, latest_path = best_and_latest(cfg)
 
     # --- model
     raw, info, resume = load_model(cfg, latest_path)
@@ -355,10 +355,9 @@ def main(cfg: Config) -> dict:
         done = step + 1
         if run.is_due(done, cfg.eval_every):
             metrics.update(evaluate_and_save(done))
-        if rt.master and (run.is_last(done) or (cfg.save_every and done % cfg.save_every == 0)):
-            save_checkpoint(latest_path, stage=STAGE, model=raw, step=done, config=cfg, metrics=metrics,
-                            optimizer=optimizer, scaler=scaler, data_state=data.sampler.state_dict(), rng=rng_state(),
-                            tldr=info, best=best)
+        if rt.master and run.save_is_due(done, cfg.save_every):
+            run.save(latest_path, done, stage=STAGE, model=raw, config=cfg, metrics=metrics, optimizer=optimizer,
+                     scaler=scaler, data_state=data.sampler.state_dict(), tldr=info, best=best)
 
     if rt.master and best["step"] >= 0:
         print0(f"best val accuracy {best['val_accuracy']:.4f} at step {best['step']}, saved to {out_path}")

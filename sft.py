@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 import summaries
 import tldr
-from checkpoints import build_from_checkpoint, load_checkpoint, load_lm, resolve_ckpt
+from checkpoints import build_from_checkpoint, load_checkpoint, load_lm
 from common import UserError, all_reduce_sum, check_flags, cli_main, mfu, print0
 from model import GPT
-from training import (RunFlags, begin_step, checkpoint_writer, grad_accum_steps, init_runtime, lr_at, micro_steps,
-                      prepare_for_training, start_position, start_run, step_seconds, update_step, use_compile)
+from training import (RunFlags, begin_step, best_and_latest, checkpoint_writer, grad_accum_steps, init_runtime, lr_at,
+                      micro_steps, prepare_for_training, start_position, start_run, step_seconds, update_step,
+                      use_compile)
 
 STAGE = "sft"
 INIT_STAGES = ("pretrain", "sft")
@@ -189,7 +190,7 @@ def main(cfg: Config) -> dict:
     # --- setup
     rt = init_runtime(cfg)
     accum = grad_accum_steps(cfg.batch_size, cfg.micro_batch, rt.world_size, unit="examples")
-    best_path, latest_path = resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
+    best_path, latest_path = best_and_latest(cfg)
     scorer = summaries.rouge_scorer() if cfg.rouge_samples else None
 
     # --- model

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common import UserError, compute_init, print0, read_jsonl, write_json
-from checkpoints import rng_state, save_checkpoint, set_rng_state
+from checkpoints import resolve_ckpt, rng_state, save_checkpoint, set_rng_state
 
 
 # -----------------------------------------------------------------------------
@@ -84,6 +84,16 @@ class Run:
 
     def saved(self, path, step: int):
         print0(f"saved {path} (step {step})")
+
+    def save_is_due(self, done: int, save_every: int) -> bool:
+        """Whether the resumable checkpoint is written after step `done`: every `save_every` steps (0: never)
+        and where this invocation stops."""
+        return self.is_last(done) or self.is_due(done, save_every)
+
+    def save(self, path, done: int, **fields):
+        """Write the resumable checkpoint `path` after step `done`: save_checkpoint's `fields` and the RNG state."""
+        save_checkpoint(path, step=done, rng=rng_state(), **fields)
+        self.saved(path, done)
 
     def keep_best(self, record: dict, step: int, metrics: dict, save: Callable[[Any, int, bool], None], best_path,
                   latest_path, master: bool):
@@ -149,6 +159,11 @@ def checkpoint_writer(stage: str, model: torch.nn.Module, cfg, metrics: dict, op
             if with_state else {}
         save_checkpoint(path, stage=stage, model=model, step=step, config=cfg, metrics=metrics, **extra, **state)
     return save
+
+
+def best_and_latest(cfg) -> tuple[Path, Path]:
+    """The --best-ckpt and --latest-ckpt paths of a trainer that keeps both (a bare name lives in --ckpt-dir)."""
+    return resolve_ckpt(cfg.best_ckpt, cfg.ckpt_dir), resolve_ckpt(cfg.latest_ckpt, cfg.ckpt_dir)
 
 
 def init_runtime(cfg: RunFlags):

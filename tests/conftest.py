@@ -58,6 +58,18 @@ def tiny_config():
     return GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64)
 
 
+def random_pretrain_ckpt(tmp_path_factory, name: str, config) -> Path:
+    """A GPT of `config` at its seed-0 random init, saved as a pretrain checkpoint (a starting model for the
+    trainers' and tasks' tiny runs)."""
+    import torch
+    from checkpoints import save_checkpoint
+    from model import GPT
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp(name) / "pretrain.pt"
+    save_checkpoint(path, stage="pretrain", model=GPT(config))
+    return path
+
+
 def skip_without_cpu_fp16():
     """Skip the calling test where this torch build has no CPU float16 autocast (fp16 paths on a CPU)."""
     import torch
@@ -116,9 +128,12 @@ def first_rows(src: Path, out: Path, rows: dict[str, int]) -> Path:
 
 def run_torchrun(script: str, flags: list, cwd=None, timeout: float = 300):
     """A project script under `torchrun --standalone` with 2 gloo processes on the CPU, one thread each (two
-    processes of two threads on two cores would spin against each other); returns CompletedProcess."""
-    return run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / script, *flags],
-                      cwd=cwd, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    processes of two threads on two cores would spin against each other); fails the test with the end of its
+    stderr unless it exits 0, else returns the CompletedProcess."""
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", ROOT / script, *flags],
+                   cwd=cwd, env={"OMP_NUM_THREADS": "1"}, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 # The session fixtures below are the generated world's test chain, trained once per session and shared by

@@ -79,6 +79,18 @@ def _listing(root: Path) -> dict:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def _sft_from(init: str):
+    """The arguments of an SFT run from the bad checkpoint `init`."""
+    return lambda s: ["--init", str(s.bad / init), "--data", _tldr(s), "--ckpt-dir", str(s.out)]
+
+
+def _hellaswag_of(model: str, data: str = "", *extra: str, flag: str = "--ckpt"):
+    """The arguments of a hellaswag.py run of `model` (a file or folder of the bad inputs) on the rows in `data`
+    (a folder of the bad inputs; empty: the generated world's)."""
+    return lambda s: [flag, str(s.bad / model), *extra, "--data-dir", str(s.bad / data if data else s.world / "hellaswag"),
+                      "--out", str(s.out / "r.json")]
+
+
 def _tldr(s):
     return str(s.world / "tldr")
 
@@ -101,32 +113,23 @@ ROWS = [
      "unknown --device 'tpu'"),
     ("summarize_device_cuda", summarize, lambda s: ["--ckpt", str(s.bad / "sft.pt"), "--device", "cuda:0", "post"],
      "--device cuda:0: no CUDA GPU"),
-    ("hellaswag_device_mps", hellaswag, lambda s: ["--ckpt", str(s.bad / "pretrain.pt"), "--device", "mps",
-                                                   "--data-dir", str(s.world / "hellaswag"), "--out", str(s.out / "r.json")],
+    ("hellaswag_device_mps", hellaswag, _hellaswag_of("pretrain.pt", "", "--device", "mps"),
      "--device mps: Apple's MPS is not available"),
     # checkpoints: weights that do not fit their config, broken and code-running pickles
     ("summarize_bad_shape", summarize, lambda s: ["--ckpt", str(s.bad / "bad_shape_sft.pt"), "post"],
      "weights do not fit its model_config (transformer.h.0.attn.c_attn.weight is (3, 3)"),
     ("summarize_missing_tensor", summarize, lambda s: ["--ckpt", str(s.bad / "missing_tensor_sft.pt"), "post"],
      "missing tensor transformer.h.0.mlp.c_fc.weight"),
-    ("sft_init_bad_config", sft, lambda s: ["--init", str(s.bad / "no_config.pt"), "--data", _tldr(s), "--ckpt-dir", str(s.out)],
-     "its model_config does not describe a model"),
-    ("sft_init_truncated", sft, lambda s: ["--init", str(s.bad / "truncated.pt"), "--data", _tldr(s), "--ckpt-dir", str(s.out)],
-     "corrupt or truncated"),
-    ("sft_init_evil", sft, lambda s: ["--init", str(s.bad / "evil.pt"), "--data", _tldr(s), "--ckpt-dir", str(s.out)],
-     "not a plain-data checkpoint"),
-    ("sft_init_evil_hf_folder", sft, lambda s: ["--init", str(s.bad / "hf_evil"), "--data", _tldr(s), "--ckpt-dir", str(s.out)],
-     "its weights file is not plain tensor data"),
+    ("sft_init_bad_config", sft, _sft_from("no_config.pt"), "its model_config does not describe a model"),
+    ("sft_init_truncated", sft, _sft_from("truncated.pt"), "corrupt or truncated"),
+    ("sft_init_evil", sft, _sft_from("evil.pt"), "not a plain-data checkpoint"),
+    ("sft_init_evil_hf_folder", sft, _sft_from("hf_evil"), "its weights file is not plain tensor data"),
     ("pretrain_init_evil_hf_folder", pretrain, lambda s: ["--preset", "tiny", "--init-from", str(s.bad / "hf_evil"),
                                                           "--data-dir", str(s.bad / "shards_bad_ids"), "--ckpt-dir", str(s.out),
                                                           "--run-name", str(s.out / "run"), "--hellaswag-path", ""],
      "its weights file is not plain tensor data"),
-    ("hellaswag_evil_hf_folder", hellaswag, lambda s: ["--hf", str(s.bad / "hf_evil"), "--data-dir", str(s.world / "hellaswag"),
-                                                       "--out", str(s.out / "r.json")],
-     "its weights file is not plain tensor data"),
-    ("hellaswag_bad_shape", hellaswag, lambda s: ["--ckpt", str(s.bad / "bad_shape.pt"), "--data-dir", str(s.world / "hellaswag"),
-                                                  "--out", str(s.out / "r.json")],
-     "weights do not fit its model_config"),
+    ("hellaswag_evil_hf_folder", hellaswag, _hellaswag_of("hf_evil", flag="--hf"), "its weights file is not plain tensor data"),
+    ("hellaswag_bad_shape", hellaswag, _hellaswag_of("bad_shape.pt"), "weights do not fit its model_config"),
     ("reward_model_init_bad_shape", reward_model, lambda s: ["--preset", "tiny", "--init", str(s.bad / "bad_shape_sft.pt"),
                                                              "--data", str(s.world / "comparisons"), "--sft-data", _tldr(s),
                                                              "--ckpt-dir", str(s.out), "--run-name", str(s.out / "run")],
@@ -147,16 +150,12 @@ ROWS = [
                                                           "--ckpt-dir", str(s.out), "--run-name", str(s.out / "run"),
                                                           "--hellaswag-path", "", "--no-compile"],
      "train_000000.npy holds token id 60000, outside the GPT-2 vocabulary"),
-    ("hellaswag_not_utf8", hellaswag, lambda s: ["--ckpt", str(s.bad / "pretrain.pt"), "--data-dir", str(s.bad / "hs_not_utf8"),
-                                                 "--out", str(s.out / "r.json")],
-     "hellaswag_val.jsonl, line 6: not UTF-8 text"),
+    ("hellaswag_not_utf8", hellaswag, _hellaswag_of("pretrain.pt", "hs_not_utf8"), "hellaswag_val.jsonl, line 6: not UTF-8 text"),
     ("pretrain_hellaswag_not_utf8", pretrain, lambda s: ["--preset", "tiny", "--data-dir", str(s.bad / "shards_bad_ids"),
                                                          "--hellaswag-path", str(s.bad / "hs_not_utf8" / "hellaswag_val.jsonl"),
                                                          "--ckpt-dir", str(s.out), "--run-name", str(s.out / "run")],
      "line 6: not UTF-8 text"),
-    ("hellaswag_nested_json", hellaswag, lambda s: ["--ckpt", str(s.bad / "pretrain.pt"), "--data-dir", str(s.bad / "hs_nested"),
-                                                    "--out", str(s.out / "r.json")],
-     "line 6: not valid JSON (nested too deeply)"),
+    ("hellaswag_nested_json", hellaswag, _hellaswag_of("pretrain.pt", "hs_nested"), "line 6: not valid JSON (nested too deeply)"),
 ]
 
 

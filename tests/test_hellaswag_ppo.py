@@ -20,7 +20,7 @@ import hellaswag_task as ht
 import ppo
 from checkpoints import load_checkpoint, save_checkpoint
 from common import UserError, compute_init, config_from, get_tokenizer
-from conftest import ROOT, run_script, unigram_gpt as rigged_gpt
+from conftest import ROOT, random_pretrain_ckpt, run_script, unigram_gpt as rigged_gpt
 from judges import Judge, judge_pair_tokens
 from model import GPT, PAD_ID, TOKENIZER_VOCAB, GPTConfig, ScoreModel, build_model
 
@@ -122,10 +122,7 @@ def test_label_rewards_hand_values():
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hs_tiny") / "pretrain.pt"
-    save_checkpoint(path, stage="pretrain", model=GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32)))
-    return path
+    return random_pretrain_ckpt(tmp_path_factory, "hs_tiny", GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=32))
 
 
 def _cfg(tiny_init, synthetic_dir, tmp_path, **overrides):

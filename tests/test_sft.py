@@ -10,7 +10,7 @@ import sft
 import tldr
 from checkpoints import load_checkpoint, save_checkpoint
 from common import cli_main, compute_init, config_from
-from conftest import ROOT, first_rows, run_script, run_torchrun
+from conftest import ROOT, first_rows, random_pretrain_ckpt, run_script, run_torchrun
 from model import GPT, ScoreModel, build_model, model_config
 from summaries import generate_summaries, mean_gold_score
 
@@ -18,10 +18,7 @@ from summaries import generate_summaries, mean_gold_score
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
     """A random `tiny` GPT (block size 64, as pretrain.py --preset tiny writes) saved as a pretrain checkpoint."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_init") / "pretrain.pt"
-    save_checkpoint(path, stage="pretrain", model=GPT(model_config("tiny", block_size=64)))
-    return path
+    return random_pretrain_ckpt(tmp_path_factory, "tiny_init", model_config("tiny", block_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +116,6 @@ def test_two_process_ddp_matches_one_process(tiny_init, tiny_data, tmp_path):
              "--run-name", two / "run", "--max-steps", 3, "--batch-size", 8, "--micro-batch", 2, "--eval-every", 0,
              "--num-samples", 0]
     r = run_torchrun("sft.py", flags, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) on cpu" in r.stdout and "x 2 rank(s) x 2 accumulation step(s)" in r.stdout
     # same examples, same math; only the order of float sums differs. A per-micro-batch mean (instead
     # of a token-weighted one) or both ranks reading the same examples moves losses far more than 1e-4.
