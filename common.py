@@ -148,14 +148,17 @@ def parse_config(cls, presets: dict[str, dict] | None = None, argv: list[str] | 
 
 def cli_main(main: Callable, cls, presets: dict[str, dict] | None = None, argv: list[str] | None = None):
     """The `if __name__ == "__main__"` body of every stage: parse flags, run, turn UserError into exit 2."""
+    finished = False
     try:
         module = inspect.getmodule(main)
         cfg = parse_config(cls, presets, argv, description=module.__doc__, prog=Path(module.__file__).name)
-        return main(cfg)
+        result = main(cfg)
+        finished = True
+        return result
     except UserError as e:
         die(str(e))
     finally:
-        cleanup()
+        cleanup(finished)
 
 
 # -----------------------------------------------------------------------------
@@ -282,8 +285,13 @@ def compute_init(seed: int = 1337, device: str = "auto", dtype: str = "auto") ->
                    local_rank=local_rank, world_size=world_size)
 
 
-def cleanup():
+def cleanup(finished: bool = False):
+    """Leave the process group. After a run that finished, every rank first waits for the others (rank 0 may
+    still be writing a checkpoint): a gloo group torn down while its peer is still connected can abort the
+    process at exit. After a failure nothing is waited for - the other ranks may never get here."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -75,21 +75,29 @@ def causal_padding_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Te
 
 class KVCache:
     """Preallocated keys/values for every layer: each decoding step writes one slot in place
-    instead of concatenating the whole cache."""
+    instead of concatenating the whole cache. BatchDecoder also uses a window of it: the first `rows` rows
+    (None: all) and the slots from `start` on (those before it belong to no row any more)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, hd)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.len = 0  # slots filled in every layer
+        self.len = 0  # the end of the filled slots in every layer
+        self.start = 0
+        self.rows: int | None = None
+
+    @property
+    def span(self) -> int:
+        """Slots filled so far, in the window."""
+        return self.len - self.start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write (B, H, T, hd) at the current end; return views of everything filled so far."""
+        """Write (B, H, T, hd) at the current end; return views of the window's slots filled so far."""
         start, end = self.len, self.len + k.size(2)
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer, :self.rows, :, start:end] = k
+        self.v[layer, :self.rows, :, start:end] = v
+        return self.k[layer, :self.rows, :, self.start:end], self.v[layer, :self.rows, :, self.start:end]
 
 
 # -----------------------------------------------------------------------------
@@ -136,34 +144,34 @@ class _CrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # matrix products at inference on a CPU
 
-ONEDNN_MIN_NUMEL = 1 << 20  # smaller matrices (the small preset's trunk) are faster through F.linear
-_ONEDNN_WEIGHTS: dict[int, tuple] = {}  # id(weight) -> (its versions and storage, its oneDNN copy, the bias's)
+ONEDNN_MIN_NUMEL = 1 << 18  # smaller matrices (the small preset's trunk) are faster through F.linear
+ONEDNN_ROWS_HINT = 16  # the rows per product oneDNN lays a weight out for: 1 to 200 rows all gain from it
+_ONEDNN_WEIGHTS: dict[int, tuple] = {}  # id(weight) -> (its version and storage, its oneDNN layout)
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) without autograd; on a CPU, through oneDNN's float32 inner product for a matrix of
-    at least ONEDNN_MIN_NUMEL entries. MKL's sgemm, which F.linear calls there, takes a generic path on CPUs it
-    does not recognise (AMD's): for a few rows, oneDNN is 1.5-2.7x faster against GPT-2's vocabulary matrix and
-    1.2-1.6x against the 124M model's trunk matrices on a 2-core EPYC (docs/serving.md), and a decoding step is
-    mostly these products. The same float32 arithmetic in another summation order (differences of ~1e-5). A
-    weight's oneDNN copy is kept while the weight is unchanged (its version counter: an optimizer step makes a
-    new copy) and dropped with the weight."""
+    at least ONEDNN_MIN_NUMEL entries, on a copy of the weight in oneDNN's own layout for ONEDNN_ROWS_HINT rows.
+    MKL's sgemm, which F.linear calls there, takes a generic path on CPUs it does not recognise (AMD's): for a
+    few rows, oneDNN is 1.3-2.6x faster against GPT-2's vocabulary matrix and 1.3-2.0x against the 124M
+    model's trunk matrices on a 2-core EPYC (docs/serving.md), and a decoding step is mostly these products.
+    The same float32 arithmetic in another summation order (differences of ~1e-5). A weight's oneDNN copy is
+    kept while the weight is unchanged (its version counter: an optimizer step makes a new copy) and dropped
+    with the weight."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 \
-            or weight.numel() < ONEDNN_MIN_NUMEL or torch.compiler.is_compiling() \
-            or not torch.backends.mkldnn.is_available():
+            or weight.numel() < ONEDNN_MIN_NUMEL or torch.compiler.is_compiling() or _ONEDNN_LINEAR is None:
         return F.linear(x, weight, bias)
-    # the versions count in-place changes; the storage pointers catch a weight whose tensor was swapped
-    key = id(weight)
-    versions = (weight._version, weight.data_ptr(), bias._version if bias is not None else -1,
-                bias.data_ptr() if bias is not None else 0)
+    # the version counts in-place changes; the storage pointer catches a weight whose tensor was swapped
+    key, version = id(weight), (weight._version, weight.data_ptr())
     cached = _ONEDNN_WEIGHTS.get(key)
-    if cached is None or cached[0] != versions:
+    if cached is None or cached[0] != version:
         if cached is None:
             weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, key, None)
-        cached = _ONEDNN_WEIGHTS[key] = (versions, weight.detach().to_mkldnn(),
-                                         bias.detach().to_mkldnn() if bias is not None else None)
+        cached = _ONEDNN_WEIGHTS[key] = (version, torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
+                                                                                          ONEDNN_ROWS_HINT))
     flat = x.reshape(-1, x.size(-1)).contiguous()
-    out = torch._C._nn.mkldnn_linear(flat.to_mkldnn(), cached[1], cached[2]).to_dense()  # (N, out)
+    out = _ONEDNN_LINEAR(flat, cached[1], bias.detach() if bias is not None else None, "none", [], "")  # (N, out)
     return out.view(*x.shape[:-1], weight.size(0))
 
 
@@ -272,7 +280,7 @@ class GPT(nn.Module):
         """Final-layer-norm output (B, T, C). With a cache, idx holds only the new tokens and
         attention_mask covers everything so far (cached + new)."""
         B, T = idx.size()
-        past = cache.len if cache is not None else 0
+        past = cache.span if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}")
         if attention_mask is None:
@@ -599,20 +607,27 @@ class BatchDecoder:
 
     Rows stay right-aligned in one KV cache: slot t of every row is the same number of steps back, a row
     shorter than the longest is left-padded (masked out), and positions come from each row's own mask, so
-    a row computes what it would alone. Padding that no row needs any more is dropped when rows leave, so
-    the cache never holds more slots than its longest row: every row that fits the context alone fits.
+    a row computes what it would alone. Padding that no row needs any more leaves the attention window when
+    rows leave, so the window never holds more slots than its longest row: every row that fits the context
+    alone fits.
+
+    The cache is a buffer with room for more rows and slots than the batch holds: a row that joins is written
+    into it, a row that leaves is replaced by one of the last rows, and the window moves right as the rows
+    grow. Only when the buffer is too small is the window copied to a new one (with room to spare), so that a
+    step where rows join or leave moves a few rows, not the whole cache.
 
         decoder.add(idx, mask, budgets) # prefill left-padded prompts; the rows are appended
         logits = decoder.logits()       # (B, V) next-token logits of every row
-        decoder.keep(rows)              # drop the others (finished, cancelled)
+        order = decoder.retain(rows)    # drop the others (finished, cancelled); `order`: the rows' new order
         decoder.advance(tokens)         # feed one token per row
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, max_rows: int | None = None):
         self.model = model
         self.device = model.transformer.wte.weight.device
+        self.max_rows = max_rows  # the most rows the batch will hold (None: no bound): the buffer's room at most
         self.cache: KVCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)      # (B, L) real slots
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)      # (B, L) real slots of the window
         self.next_pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) next token's position
         self.remaining: list[int] = []                                           # tokens each row may still take
         self.x = torch.zeros(0, model.config.n_embd, device=self.device)         # (B, C) last hidden state per row
@@ -621,15 +636,34 @@ class BatchDecoder:
     def rows(self) -> int:
         return self.mask.size(0)
 
-    def _new_cache(self, rows: int, filled: int, dtype) -> KVCache:
-        """A zeroed cache (masked slots must hold finite numbers: softmax weight 0 times NaN is NaN) with room
-        for `filled` slots plus the most tokens any row may still take."""
-        room = filled + max(self.remaining, default=0)
-        cache = KVCache(self.model.config, rows, min(room, self.model.config.block_size), self.device, dtype)
-        cache.k.zero_()
-        cache.v.zero_()
-        cache.len = filled
-        return cache
+    @property
+    def span(self) -> int:
+        """Slots in the attention window: the longest row's."""
+        return self.mask.size(1)
+
+    def _fits(self, rows: int, span: int, right: int) -> bool:
+        """Whether the buffer holds `rows` rows and a window of `span` slots ending where it ends now, with
+        `right` slots to grow into."""
+        c = self.cache
+        return c is not None and rows <= c.k.size(1) and c.len - span >= 0 and c.len + right <= c.k.size(3)
+
+    def _relayout(self, rows: int, span: int, right: int, dtype):
+        """A new buffer with room for `rows` rows (twice the old room when that is more, up to max_rows) whose
+        window ends at slot block_size, so that any prompt fits to its left, with `right` slots to grow into and
+        half the window and `right` again (at least 64): the window moves right a step at a time for that long
+        before the next copy. The rows so far are copied in. A slot enters the window written (a prompt, a
+        token) or zeroed (padding: masked slots must hold finite numbers, as softmax weight 0 times NaN is NaN),
+        so the rest of the buffer is never read, never set, and its memory never touched."""
+        old = self.cache
+        room_rows = max(rows, min(2 * old.k.size(1) if old is not None else 0, self.max_rows or 1 << 30))
+        end = max(self.model.config.block_size, span)
+        cache = KVCache(self.model.config, room_rows, end + right + max(64, (span + right) // 2), self.device, dtype)
+        B, L = self.rows, self.span
+        if B:
+            cache.k[:, :B, :, end - L:end] = old.k[:, :B, :, old.start:old.len]
+            cache.v[:, :B, :, end - L:end] = old.v[:, :B, :, old.start:old.len]
+        cache.len, cache.start, cache.rows = end, end - L, B
+        self.cache = cache
 
     @torch.no_grad()
     def add(self, idx: torch.Tensor, mask: torch.Tensor, budgets: list[int]):
@@ -644,20 +678,25 @@ class BatchDecoder:
         idx, mask = idx.to(self.device), mask.to(self.device)
         fresh = KVCache(self.model.config, b, P, self.device, dtype)
         x = self.model.hidden_states(idx, mask, fresh)[:, -1]                     # (b, C)
-        old, B = self.cache, self.rows
-        L_old = old.len if old is not None else 0
+        B, L_old = self.rows, self.span
         L = max(L_old, P)
-        self.remaining = self.remaining + list(budgets)
-        cache = self._new_cache(B + b, L, dtype)
-        if old is not None:
-            cache.k[:, :B, :, L - L_old:L] = old.k[:, :, :, :L_old]
-            cache.v[:, :B, :, L - L_old:L] = old.v[:, :, :, :L_old]
-        cache.k[:, B:, :, L - P:L] = fresh.k
-        cache.v[:, B:, :, L - P:L] = fresh.v
+        remaining = self.remaining + list(budgets)
+        if not self._fits(B + b, L, max(remaining)) or self.cache.k.dtype != dtype:
+            self._relayout(B + b, L, max(remaining), dtype)
+        cache = self.cache
+        start, end = cache.len - L, cache.len
+        # slots that become padding hold what earlier rows left there: zeros, so that they are finite
+        cache.k[:, :B, :, start:cache.start] = 0
+        cache.v[:, :B, :, start:cache.start] = 0
+        cache.k[:, B:B + b, :, start:end - P] = 0
+        cache.v[:, B:B + b, :, start:end - P] = 0
+        cache.k[:, B:B + b, :, end - P:end] = fresh.k
+        cache.v[:, B:B + b, :, end - P:end] = fresh.v
+        cache.start, cache.rows = start, B + b
         full = torch.zeros((B + b, L), dtype=torch.long, device=self.device)
         full[:B, L - L_old:] = self.mask
         full[B:, L - P:] = mask
-        self.cache, self.mask = cache, full
+        self.mask, self.remaining = full, remaining
         self.next_pos = torch.cat([self.next_pos, positions_from_mask(mask)[:, -1:] + 1])
         self.x = torch.cat([self.x.to(x.dtype), x])
 
@@ -665,27 +704,46 @@ class BatchDecoder:
     def logits(self) -> torch.Tensor:
         return self.model.logits(self.x).float()                                  # (B, V)
 
+    def retain(self, rows: list[int]) -> list[int]:
+        """Keep only these rows, in the order that moves the fewest: a row that leaves from among the first
+        len(rows) is replaced by one of the kept rows after them. Returns the old index of each row, in the new
+        order."""
+        n, kept = len(rows), set(rows)
+        later = iter(sorted(r for r in rows if r >= n))
+        order = [j if j in kept else next(later) for j in range(n)]
+        self.keep(order)
+        return order
+
     @torch.no_grad()
     def keep(self, rows: list[int]):
-        """Keep only these rows, in this order, and drop the left columns that are padding in all of them."""
+        """Keep only these rows, in this order, and move the window past the left slots that are padding in
+        all of them."""
         if rows == list(range(self.rows)):
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.mask, self.next_pos = self.mask[index], self.next_pos[index]
         self.remaining, self.x = [self.remaining[r] for r in rows], self.x[index]
-        if not rows:
-            self.cache, self.mask = None, self.mask[:, :0]
-            return
-        first = int((self.mask.cumsum(1) == 0).sum(1).min())                     # all-padding left columns
-        L = self.cache.len
-        cache = self._new_cache(len(rows), L - first, self.cache.k.dtype)
-        cache.k[:, :, :, :L - first] = self.cache.k[:, index, :, first:L]
-        cache.v[:, :, :, :L - first] = self.cache.v[:, index, :, first:L]
-        self.cache, self.mask = cache, self.mask[:, first:]
+        cache = self.cache
+        s, e = cache.start, cache.len
+        moves = [(j, i) for j, i in enumerate(rows) if i != j]
+        written = set()
+        for j, i in moves:
+            if i in written:  # a row would be read after its slot was written: all through a copy
+                cache.k[:, :len(rows), :, s:e] = cache.k[:, index, :, s:e]
+                cache.v[:, :len(rows), :, s:e] = cache.v[:, index, :, s:e]
+                break
+            written.add(j)
+        else:
+            for j, i in moves:
+                cache.k[:, j, :, s:e] = cache.k[:, i, :, s:e]
+                cache.v[:, j, :, s:e] = cache.v[:, i, :, s:e]
+        first = int((self.mask.cumsum(1) == 0).sum(1).min()) if rows else self.span  # all-padding left slots
+        self.mask = self.mask[:, first:]
+        cache.start, cache.rows = s + first, len(rows)
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor):
-        """Feed one token per row (B,): every row's cache grows by one slot."""
+        """Feed one token per row (B,): every row's window grows by one slot."""
         if self.rows == 0:
             return
         if min(self.remaining) <= 0:

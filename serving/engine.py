@@ -168,6 +168,9 @@ class Engine:
             self.jobs.put(None)
             self.thread.join(timeout=10)
 
+    def _decoder(self) -> BatchDecoder:
+        return BatchDecoder(self.summarizer.model, self.max_batch)
+
     def _admit(self, active: int) -> list[Job]:
         """Jobs to start now: when idle, block for the first and take those queued with it (and those arriving
         within batch_wait_s); when decoding, whatever is waiting (without waiting)."""
@@ -200,7 +203,7 @@ class Engine:
         # refused before it is admitted, a row whose step goes wrong (its own sampling, a token outside the
         # vocabulary) ends alone inside _step, and when a step of the whole batch fails (prefill, forward)
         # every row is prefilled again alone (_rebuild), so that only the rows that fail alone fail.
-        decoder, rows, just_rebuilt = BatchDecoder(self.summarizer.model), [], False
+        decoder, rows, just_rebuilt = self._decoder(), [], False
         while not (self.closing and not rows):
             new = [j for j in self._admit(len(rows)) if self._admissible(j)]
             new = [j for j in new if self._scored(j)]
@@ -217,9 +220,9 @@ class Engine:
                         rows, pending = rows + pending, []
                     self.running = len(rows)
                     going_on, tokens = self._step(decoder, rows)
-                    rows = [rows[i] for i in going_on]
-                    decoder.keep(going_on)
-                    decoder.advance(tokens[going_on])
+                    order = decoder.retain(going_on)
+                    rows = [rows[i] for i in order]
+                    decoder.advance(tokens[order])
                 just_rebuilt = False
             except Exception as e:
                 rows = rows + pending
@@ -228,7 +231,7 @@ class Engine:
                         f"rows: {type(e).__name__}: {first_line(e)}")
                     for row in rows:
                         row.job.emit({"kind": "error", "message": GENERATION_FAILED})
-                    decoder, rows, just_rebuilt = BatchDecoder(self.summarizer.model), [], False
+                    decoder, rows, just_rebuilt = self._decoder(), [], False
                 else:
                     log(f"error: model {self.name}: a decoding step of {len(rows)} rows failed, retrying each row "
                         f"alone: {type(e).__name__}: {first_line(e)}")
@@ -295,18 +298,18 @@ class Engine:
                     self.stats["cancelled"] += 1
                     continue
                 try:
-                    prefill(BatchDecoder(self.summarizer.model), [row])
+                    prefill(self._decoder(), [row])
                     survivors.append(row)
                 except Exception as e:
                     self._fail(row.job, f"{type(e).__name__}: {first_line(e)}")
-            decoder = BatchDecoder(self.summarizer.model)
+            decoder = self._decoder()
             try:
                 if survivors:
                     prefill(decoder, survivors)
             except Exception as e:
                 for row in survivors:
                     self._fail(row.job, f"{type(e).__name__}: {first_line(e)}")
-                return BatchDecoder(self.summarizer.model), []
+                return self._decoder(), []
         return decoder, survivors
 
     def _choose(self, logits: torch.Tensor, jobs: list[Job]) -> tuple[torch.Tensor, torch.Tensor]:

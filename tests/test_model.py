@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -275,15 +276,29 @@ def test_rows_that_end_leave_the_batch_and_each_row_is_its_own_continuation(tiny
             assert tokens[i, :n].tolist() == model.generate(torch.tensor([row]), None, 24, 0.0)[0][0].tolist()
 
 
-def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config):
+def _poison_outside_the_window(cache):
+    """NaN in every slot of the decoder's buffer that is not in its window: rows past the batch, slots before
+    the window and after its end. A decoder that read one, or let one into the window without writing or
+    zeroing it, would make NaN logits."""
+    for buf in (cache.k, cache.v):
+        buf[:, cache.rows:] = float("nan")
+        buf[:, :, :, :cache.start] = float("nan")
+        buf[:, :, :, cache.len:] = float("nan")
+
+
+@pytest.mark.parametrize("leave", ["keep", "retain"])
+def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config, leave):
     """Continuous batching: rows of different lengths join a running decode at different steps and leave
-    when their budget is spent; every row makes the tokens generate makes for it alone, greedy or sampled
-    with its own generator, and the cache never holds more slots than the longest row."""
+    when their budget is spent, in the order given (keep) or in the decoder's own (retain, what the server
+    uses); every row makes the tokens generate makes for it alone, greedy or sampled with its own generator,
+    even with NaN in every slot of the cache buffer outside the attention window, and the window never holds
+    more slots than the longest row."""
     from model import BatchDecoder, choose_tokens
     torch.manual_seed(0)
     model = GPT(tiny_config).eval()
-    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40)]
-    budgets, temps, joins = [6, 12, 4, 7, 3], [0.0, 0.8, 0.0, 1.1, 0.0], {0: [0, 1], 3: [2], 5: [3, 4]}
+    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40, 60)]
+    budgets, temps = [6, 12, 4, 7, 3, 5], [0.0, 0.8, 0.0, 1.1, 0.0, 0.0]
+    joins = {0: [0, 1], 3: [2], 5: [3, 4], 6: [5]}
     alone = [model.generate(torch.tensor([p]), None, n, t, eos_id=None,
                             generator=torch.Generator().manual_seed(i) if t else None)[0][0].tolist()
              for i, (p, n, t) in enumerate(zip(prompts, budgets, temps))]
@@ -295,19 +310,39 @@ def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config
             active += joins[step]
         if not active:
             break
+        _poison_outside_the_window(decoder.cache)
         tokens, _ = choose_tokens(decoder.logits(), torch.tensor([temps[k] for k in active]),
                                   generator=[generators[k] for k in active])
         for row, k in enumerate(active):
             out[k].append(int(tokens[row]))
-        keep = [row for row, k in enumerate(active) if len(out[k]) < budgets[k]]
-        decoder.keep(keep)
-        decoder.advance(tokens[keep])
-        active = [active[row] for row in keep]
+        going_on = [row for row, k in enumerate(active) if len(out[k]) < budgets[k]]
+        if leave == "keep":
+            decoder.keep(going_on)
+            order = going_on
+        else:
+            order = decoder.retain(going_on)
+            assert sorted(order) == going_on
+        decoder.advance(tokens[order])
+        active = [active[row] for row in order]
         if active:
-            slots.append((decoder.cache.len, max(len(prompts[k]) + len(out[k]) for k in active)))
+            slots.append((decoder.span, max(len(prompts[k]) + len(out[k]) for k in active)))
     assert out == alone
-    assert all(used == longest for used, longest in slots)  # padding no row needs is dropped
+    assert all(used == longest for used, longest in slots)  # padding no row needs leaves the window
     assert decoder.rows == 0
+
+
+def test_batch_decoder_retain_moves_only_rows_that_fill_the_gaps(tiny_config):
+    """retain: the rows kept among the first len(rows) stay in place, each gap takes one of the kept rows after
+    them - one row's keys and values copied per gap, not the whole cache."""
+    from model import BatchDecoder
+    torch.manual_seed(0)
+    decoder = BatchDecoder(GPT(tiny_config).eval())
+    decoder.add(*_left_pad([_ids(1, 4 + i, seed=i)[0].tolist() for i in range(6)]), [5] * 6)
+    before = decoder.cache.k[:, :6, :, decoder.cache.start:decoder.cache.len].clone()
+    order = decoder.retain([0, 2, 3, 5])
+    assert order == [0, 5, 2, 3]
+    after = decoder.cache.k[:, :4, :, decoder.cache.start:decoder.cache.len]
+    torch.testing.assert_close(after, before[:, order, :, before.size(3) - after.size(3):], atol=0, rtol=0)
 
 
 def test_score_model_reward_at_last_real_token(tiny_config):
@@ -336,12 +371,14 @@ def test_cpu_linear_equals_f_linear_and_follows_the_weight():
     """Inference products through oneDNN give F.linear's float32 result to 1e-5, for the vocabulary matrix and a
     trunk matrix with its bias; an in-place change of the weight (an optimizer step) is seen at the next call; a
     matrix under the size threshold and a tensor that needs grad take F.linear itself."""
+    import model as model_module
     from model import ONEDNN_MIN_NUMEL, Linear, cpu_linear
     torch.manual_seed(0)
     big = torch.randn(ONEDNN_MIN_NUMEL // 64 + 7, 64)
     bias = torch.randn(big.size(0))
     x = torch.randn(3, 5, 64)
     torch.testing.assert_close(cpu_linear(x, big), F.linear(x, big), atol=1e-5, rtol=1e-5)
+    assert id(big) in model_module._ONEDNN_WEIGHTS  # the product went through oneDNN, on its copy of the weight
     torch.testing.assert_close(cpu_linear(x, big, bias), F.linear(x, big, bias), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         big.mul_(2)
