@@ -648,14 +648,16 @@ class BatchDecoder:
         return c is not None and rows <= c.k.size(1) and c.len - span >= 0 and c.len + right <= c.k.size(3)
 
     def _relayout(self, rows: int, span: int, right: int, dtype):
-        """A new buffer with room for `rows` rows (twice the old room when that is more, up to max_rows) whose
+        """A new buffer with room for `rows` rows (when they do not fit the old room: twice it, up to max_rows) whose
         window ends at slot block_size, so that any prompt fits to its left, with `right` slots to grow into and
         half the window and `right` again (at least 64): the window moves right a step at a time for that long
         before the next copy. The rows so far are copied in. A slot enters the window written (a prompt, a
         token) or zeroed (padding: masked slots must hold finite numbers, as softmax weight 0 times NaN is NaN),
         so the rest of the buffer is never read, never set, and its memory never touched."""
         old = self.cache
-        room_rows = max(rows, min(2 * old.k.size(1) if old is not None else 0, self.max_rows or 1 << 30))
+        room_rows = old.k.size(1) if old is not None else 0
+        if rows > room_rows:
+            room_rows = max(rows, min(2 * room_rows, self.max_rows or 1 << 30))
         end = max(self.model.config.block_size, span)
         cache = KVCache(self.model.config, room_rows, end + right + max(64, (span + right) // 2), self.device, dtype)
         B, L = self.rows, self.span
@@ -681,6 +683,8 @@ class BatchDecoder:
         B, L_old = self.rows, self.span
         L = max(L_old, P)
         remaining = self.remaining + list(budgets)
+        if B == 0 and self.cache is not None:  # an empty batch starts again where a new buffer would
+            self.cache.len = self.cache.start = max(self.model.config.block_size, L)
         if not self._fits(B + b, L, max(remaining)) or self.cache.k.dtype != dtype:
             self._relayout(B + b, L, max(remaining), dtype)
         cache = self.cache

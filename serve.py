@@ -30,6 +30,7 @@ A request that fails while being decoded ends alone (500), the requests batched 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import socket
 import sys
 import threading
@@ -169,6 +170,9 @@ def main(cfg: Config):
             failure.append(e)
             server.should_exit = True
             return
+        # what start-up made (modules, weights, the app) lives as long as the server: out of the collector's
+        # sight, a full collection - triggered by the many small objects of streamed chunks - stays short
+        gc.freeze()
         for name, e in models.engines.items():
             print(f"serving {name} ({e.summarizer.stage}, step {e.summarizer.step}) from {e.path}", flush=True)
         print(f"open http://{cfg.host}:{cfg.port}/  (API: /api/summarize, /v1/completions, /v1/chat/completions; "

@@ -288,17 +288,17 @@ def _poison_outside_the_window(cache):
 
 @pytest.mark.parametrize("leave", ["keep", "retain"])
 def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config, leave):
-    """Continuous batching: rows of different lengths join a running decode at different steps and leave
-    when their budget is spent, in the order given (keep) or in the decoder's own (retain, what the server
-    uses); every row makes the tokens generate makes for it alone, greedy or sampled with its own generator,
+    """Continuous batching: rows of different lengths join a running decode at different steps (and an empty
+    one) and leave when their budget is spent, in the order given (keep) or in the decoder's own (retain, what
+    the server uses); every row makes the tokens generate makes for it alone, greedy or sampled with its own generator,
     even with NaN in every slot of the cache buffer outside the attention window, and the window never holds
     more slots than the longest row."""
     from model import BatchDecoder, choose_tokens
     torch.manual_seed(0)
     model = GPT(tiny_config).eval()
-    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40, 60)]
-    budgets, temps = [6, 12, 4, 7, 3, 5], [0.0, 0.8, 0.0, 1.1, 0.0, 0.0]
-    joins = {0: [0, 1], 3: [2], 5: [3, 4], 6: [5]}
+    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40, 60, 7)]
+    budgets, temps = [6, 12, 4, 7, 3, 5, 4], [0.0, 0.8, 0.0, 1.1, 0.0, 0.0, 0.0]
+    joins = {0: [0, 1], 3: [2], 5: [3, 4], 6: [5], 14: [6]}  # at step 14 the batch has emptied
     alone = [model.generate(torch.tensor([p]), None, n, t, eos_id=None,
                             generator=torch.Generator().manual_seed(i) if t else None)[0][0].tolist()
              for i, (p, n, t) in enumerate(zip(prompts, budgets, temps))]
@@ -309,7 +309,7 @@ def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config
             decoder.add(*_left_pad([prompts[k] for k in joins[step]]), [budgets[k] for k in joins[step]])
             active += joins[step]
         if not active:
-            break
+            continue
         _poison_outside_the_window(decoder.cache)
         tokens, _ = choose_tokens(decoder.logits(), torch.tensor([temps[k] for k in active]),
                                   generator=[generators[k] for k in active])
