@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -287,11 +288,14 @@ def compute_init(seed: int = 1337, device: str = "auto", dtype: str = "auto") ->
 
 def cleanup(finished: bool = False):
     """Leave the process group. After a run that finished, every rank first waits for the others (rank 0 may
-    still be writing a checkpoint): a gloo group torn down while its peer is still connected can abort the
-    process at exit. After a failure nothing is waited for - the other ranks may never get here."""
+    still be writing a checkpoint); after a failure nothing is waited for - the other ranks may never get here.
+    What still holds the group (a DDP wrapper's reducer in a reference cycle) is collected first: a gloo group
+    whose last owner goes only at interpreter shutdown can abort the process there ("terminate called without
+    an active exception")."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if finished:
             torch.distributed.barrier()
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
