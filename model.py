@@ -145,7 +145,7 @@ class _CrossEntropy(torch.autograd.Function):
 # matrix products at inference on a CPU
 
 ONEDNN_MIN_NUMEL = 1 << 18  # smaller matrices (the small preset's trunk) are faster through F.linear
-ONEDNN_ROWS_HINT = 16  # the rows per product oneDNN lays a weight out for: 1 to 200 rows all gain from it
+ONEDNN_ROWS_HINT = 16  # rows oneDNN lays a weight out for: 1-200 rows gain (not the 124M vocabulary at 1 row)
 _ONEDNN_WEIGHTS: dict[int, tuple] = {}  # id(weight) -> (its version and storage, its oneDNN layout)
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 

@@ -332,8 +332,8 @@ def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config
 
 
 def test_batch_decoder_retain_moves_only_rows_that_fill_the_gaps(tiny_config):
-    """retain: the rows kept among the first len(rows) stay in place, each gap takes one of the kept rows after
-    them - one row's keys and values copied per gap, not the whole cache."""
+    """retain chooses the order that moves the fewest rows: the rows kept among the first len(rows) stay in place
+    and each gap takes one of the kept rows after them; every row's keys and values follow it."""
     from model import BatchDecoder
     torch.manual_seed(0)
     decoder = BatchDecoder(GPT(tiny_config).eval())
