@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from common import first_line, get_tokenizer
-from model import EOS_ID, TOKENIZER_VOCAB, BatchDecoder, choose_tokens, left_pad
+from model import EOS_ID, TOKENIZER_VOCAB, BatchDecoder, choose_tokens, left_pad, row_argmax
 from summaries import Summarizer, sampling_problem
 
 GENERATION_FAILED = "generation failed: a fault of this server, whose log has the details"
@@ -344,7 +344,7 @@ class Engine:
             logits = penalize(logits, rows)
         top_n = max(j.top_probs for j in jobs)
         if not top_n and all(j.temperature == 0 for j in jobs):  # greedy: the sampling distribution is not needed
-            tokens, logp = logits.argmax(-1), None
+            tokens, logp = row_argmax(logits), None
         else:
             tokens, logp = self._choose(logits, jobs)
         if top_n:

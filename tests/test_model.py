@@ -286,24 +286,26 @@ def _poison_outside_the_window(cache):
         buf[:, :, :, cache.len:] = float("nan")
 
 
-@pytest.mark.parametrize("leave", ["keep", "retain"])
-def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config, leave):
+@pytest.mark.parametrize("leave,unpadded", [("keep", True), ("retain", True), ("retain", False)])
+def test_batch_decoder_rows_joining_and_leaving_equal_each_row_alone(tiny_config, leave, unpadded):
     """Continuous batching: rows of different lengths join a running decode at different steps (and an empty
-    one) and leave when their budget is spent, in the order given (keep) or in the decoder's own (retain, what
-    the server uses); every row makes the tokens generate makes for it alone, greedy or sampled with its own generator,
-    even with NaN in every slot of the cache buffer outside the attention window, and the window never holds
-    more slots than the longest row."""
+    one), prefilled by length (unpadded, a CPU's way) or in one padded batch, and leave when their budget is
+    spent, in the order given (keep) or in the decoder's own (retain, what the server uses); every row makes
+    the tokens generate makes for it alone, greedy or sampled with its own generator, even with NaN in every
+    slot of the cache buffer outside the attention window, and the window never holds more slots than the
+    longest row."""
     from model import BatchDecoder, choose_tokens
     torch.manual_seed(0)
     model = GPT(tiny_config).eval()
-    prompts = [_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 2, 9, 3, 40, 60, 7)]
-    budgets, temps = [6, 12, 4, 7, 3, 5, 4], [0.0, 0.8, 0.0, 1.1, 0.0, 0.0, 0.0]
-    joins = {0: [0, 1], 3: [2], 5: [3, 4], 6: [5], 14: [6]}  # at step 14 the batch has emptied
+    prompts = [_ids(1, n, seed=30 + i)[0].tolist() for i, n in enumerate((5, 2, 9, 3, 40, 60, 7, 3))]
+    budgets, temps = [6, 12, 4, 7, 3, 5, 4, 5], [0.0, 0.8, 0.0, 1.1, 0.0, 0.0, 0.0, 0.0]
+    joins = {0: [0, 1], 3: [2], 5: [3, 4, 7], 6: [5], 14: [6]}  # at step 14 the batch has emptied
     alone = [model.generate(torch.tensor([p]), None, n, t, eos_id=None,
                             generator=torch.Generator().manual_seed(i) if t else None)[0][0].tolist()
              for i, (p, n, t) in enumerate(zip(prompts, budgets, temps))]
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     decoder, active, out, slots = BatchDecoder(model), [], [[] for _ in prompts], []
+    decoder.unpadded_prefill = unpadded
     for step in range(40):
         if step in joins:
             decoder.add(*_left_pad([prompts[k] for k in joins[step]]), [budgets[k] for k in joins[step]])
@@ -398,3 +400,21 @@ def test_cpu_linear_equals_f_linear_and_follows_the_weight():
     slow = layer(x)  # grad enabled: the training path
     assert slow.requires_grad and not fast.requires_grad
     torch.testing.assert_close(fast, slow.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_row_argmax_equals_argmax_with_ties_nan_and_inf():
+    """The blockwise argmax returns torch.argmax's index on every kind of row: ties across and inside blocks
+    (the first wins), NaN (the first NaN wins), all -inf, a non-contiguous view, and widths it leaves to argmax."""
+    from model import row_argmax
+    torch.manual_seed(0)
+    logits = torch.randn(9, 50304)
+    logits[1, 100] = logits[1, 5000] = logits[1, 50000] = 50.0   # a tie across blocks
+    logits[2, 130] = logits[2, 131] = 50.0                        # a tie inside one block
+    logits[3, 7000] = logits[3, 64] = float("nan")
+    logits[4] = float("-inf")
+    logits[5, 50257:] = float("-inf")
+    logits[6, -1] = 1e30                                          # the last column
+    logits[7, 0] = float("inf")
+    for x in (logits, logits[::2], torch.randn(4, 50304 + 5), torch.randn(3, 64)):
+        assert torch.equal(row_argmax(x), x.argmax(-1))
+    assert row_argmax(logits)[1:4].tolist() == [100, 130, 64]
