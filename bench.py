@@ -47,7 +47,10 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -441,11 +444,8 @@ def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_bat
     """Each side's server in its own process on a free loopback port, all starting at once: {side: (process,
     base URL, model name)} once every /health answers 200. serve.py sides get --threads; every side gets
     OMP_NUM_THREADS=threads (when set), so that the peer's torch uses as many threads."""
-    import shutil
-    import subprocess
-    import sys
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    servers = {}
+    servers, logs = {}, {}
     for side in sides:
         port = _free_port()
         if side == "transformers":
@@ -458,16 +458,30 @@ def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_bat
                    "--max-batch", str(1 if side == "one_at_a_time" else max_batch), "--device", device,
                    "--threads", str(threads)]
             model = ckpt.stem
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        # the log goes to a file: a pipe nobody reads fills up (64 KB of access-log lines) and blocks the server
+        logs[side] = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[side], text=True, env=env)
         servers[side] = (proc, f"http://127.0.0.1:{port}", model)
     deadline = time.time() + 180
     for side, (proc, url, _) in servers.items():
         if not serve.wait_until_serving(url, proc, deadline - time.time()):
-            for p, _, _ in servers.values():
-                p.kill()
-            raise UserError(f"the {side} server did not start: {proc.stderr.read().strip()[-300:]}"
+            stop_servers(servers)
+            logs[side].seek(0)
+            raise UserError(f"the {side} server did not start: {logs[side].read().strip()[-300:]}"
                             if proc.poll() is not None else f"the {side} server did not answer /health within 180 s")
     return servers
+
+
+def stop_servers(servers: dict):
+    """Stop start_servers' processes: each is asked to end (SIGTERM), and killed if it has not within 30 s."""
+    for proc, _, _ in servers.values():
+        proc.terminate()
+    for proc, _, _ in servers.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 async def _load(url: str, model: str, prompts: list[str], clients: int, requests: int, seconds: float,
@@ -587,9 +601,7 @@ def bench_serve(cfg: Config, ours: GPT, rt: Runtime) -> dict:
                 print0(f"bench: serve {clients} clients: " + ", ".join(
                     f"{side} {level[side]['requests_per_s']:.2f}" for side in sides) + " requests/s")
         finally:
-            for proc, _, _ in servers.values():
-                proc.terminate()
-                proc.wait(timeout=30)
+            stop_servers(servers)
     agree = {side: sum(a == b for a, b in zip(texts["serve.py"], texts[side])) / len(texts["serve.py"])
              for side in sides[1:]}
     return {"model": cfg.serve_ckpt or f"random {cfg.model}", "tokens": cfg.serve_tokens, "sides": sides,

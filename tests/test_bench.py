@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench
+import tldr
 from common import UserError, config_from
 from conftest import run_script
 
@@ -180,6 +181,28 @@ def test_tiny_serve_section(tmp_path, capsys):
     assert [t["value"] for t in r["targets"] if t["key"].startswith("serve.")] == [None] * 4  # 8 and 32 clients not run
     with pytest.raises(UserError, match="must start with serve.py"):
         bench.bench_serve(config_from(bench.Config, bench.PRESETS, "tiny", serve_sides=["transformers"]), None, None)
+
+
+def test_a_server_keeps_answering_after_its_log_outgrows_a_pipe(tmp_path, tiny_config):
+    """start_servers' processes log to a file, not to a pipe nobody reads: 400 requests write over 100 KB of
+    access-log lines (a pipe holds 64 KB, and a server writing to a full one stops), and the server still answers."""
+    import httpx
+    from checkpoints import save_checkpoint
+    from model import GPT
+    ckpt = tmp_path / "s.pt"
+    save_checkpoint(ckpt, stage="sft", model=GPT(tiny_config), tldr=tldr.template_info(max_prompt_tokens=40,
+                                                                                        max_summary_tokens=4))
+    servers = bench.start_servers(ckpt, None, ["serve.py"], 4, "cpu", threads=1)
+    try:
+        _, url, _ = servers["serve.py"]
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for _ in range(400):  # each logged with its path, up to 200 characters
+                assert client.get("/" + "x" * 300).status_code == 404
+            reply = client.post("/v1/completions", json={"prompt": "a post", "max_tokens": 2, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        bench.stop_servers(servers)
+    assert servers["serve.py"][0].returncode is not None
 
 
 @pytest.mark.slow
