@@ -463,12 +463,17 @@ def start_servers(ckpt: Path, export_dir: Path | None, sides: list[str], max_bat
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=logs[side], text=True, env=env)
         servers[side] = (proc, f"http://127.0.0.1:{port}", model)
     deadline = time.time() + 180
-    for side, (proc, url, _) in servers.items():
-        if not serve.wait_until_serving(url, proc, deadline - time.time()):
-            stop_servers(servers)
-            logs[side].seek(0)
-            raise UserError(f"the {side} server did not start: {logs[side].read().strip()[-300:]}"
-                            if proc.poll() is not None else f"the {side} server did not answer /health within 180 s")
+    try:
+        for side, (proc, url, _) in servers.items():
+            if not serve.wait_until_serving(url, proc, deadline - time.time()):
+                stop_servers(servers)
+                logs[side].seek(0)
+                raise UserError(f"the {side} server did not start: {logs[side].read().strip()[-300:]}"
+                                if proc.poll() is not None
+                                else f"the {side} server did not answer /health within 180 s")
+    finally:
+        for log in logs.values():  # each server writes on through its own descriptor
+            log.close()
     return servers
 
 
