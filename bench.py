@@ -489,48 +489,120 @@ def stop_servers(servers: dict):
             proc.wait()
 
 
+class StreamingConnection:
+    """One keep-alive HTTP/1.1 connection of a load-generating client: POST a JSON body, get the Server-Sent
+    Events of the response as they arrive. The client shares the machine's cores with the servers it measures,
+    so it is kept lean: httptools' C parser instead of httpx's pure-Python one, which spent about 7 ms of CPU per
+    53-chunk stream on a 2-core EPYC, a fifth of a core at 32 clients (docs/benchmarks.md)."""
+
+    def __init__(self, url: str):
+        host_port = url.split("://", 1)[-1].rstrip("/")
+        self.host, _, port = host_port.partition(":")
+        self.port = int(port or 80)
+        self.reader = self.writer = None
+
+    async def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+    async def events(self, path: str, body: dict):
+        """Yield the data of each event of the response (str); a status other than 200 raises RuntimeError."""
+        import httptools
+
+        class Response:  # httptools' callbacks
+            def __init__(self):
+                self.body, self.headers_done, self.done, self.keep_alive = bytearray(), False, False, False
+
+            def on_headers_complete(self):
+                self.headers_done = True
+
+            def on_body(self, piece: bytes):
+                self.body += piece
+
+            def on_message_complete(self):  # the parser forgets keep-alive once this returns
+                self.done, self.keep_alive = True, parser.should_keep_alive()
+
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        data = json.dumps(body).encode()
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), self.port, len(data), data))
+        response = Response()
+        parser, pending = httptools.HttpResponseParser(response), b""
+        try:
+            while not response.done:
+                received = await self.reader.read(1 << 16)
+                if not received:
+                    raise ConnectionError("the server closed the connection")
+                parser.feed_data(received)
+                if response.headers_done and parser.get_status_code() != 200:
+                    raise RuntimeError(f"status {parser.get_status_code()}")
+                if response.body:
+                    pending += bytes(response.body).replace(b"\r\n", b"\n")
+                    response.body.clear()
+                    *ready, pending = pending.split(b"\n\n")
+                    for event in ready:
+                        for line in event.decode().split("\n"):
+                            if line.startswith("data:"):
+                                yield line[5:].strip()
+            if not response.keep_alive:
+                await self.close()
+        except BaseException:
+            await self.close()  # a response read halfway leaves the connection unusable
+            raise
+
+
 async def _load(url: str, model: str, prompts: list[str], clients: int, requests: int, seconds: float,
                 tokens: int) -> dict:
     """`clients` closed-loop clients, each streaming one greedy raw completion after another (OpenAI's
-    /v1/completions, the usage in a last chunk), until `requests` have been sent or `seconds` have passed: per
-    request the time to its first text and to its end."""
-    import httpx
+    /v1/completions, the usage in a last chunk) over its own keep-alive connection, until `requests` have been
+    sent or `seconds` have passed: per request the time to its first text and to its end."""
+    import httptools
     sent, ttft, latency, errors, made = 0, [], [], 0, 0
     start = time.perf_counter()
 
-    async def client(http):
+    async def one(connection: StreamingConnection, body: dict) -> tuple[float | None, int]:
+        t0, first, count = time.perf_counter(), None, None
+        async with contextlib.aclosing(connection.events("/v1/completions", body)) as events:
+            async for data in events:
+                if data == "[DONE]":
+                    continue
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+        if count is None:
+            raise RuntimeError("no usage chunk")
+        return first, count
+
+    async def client():
         nonlocal sent, errors, made
-        while sent < requests and time.perf_counter() - start < seconds:
-            body = {"model": model, "prompt": prompts[sent % len(prompts)], "max_tokens": tokens, "temperature": 0,
-                    "stream": True, "stream_options": {"include_usage": True}}
-            sent += 1
-            t0, first, count = time.perf_counter(), None, None
-            try:
-                async with http.stream("POST", url + "/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        errors += 1
-                        continue
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            raise RuntimeError(chunk["error"])
-                        if first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                            first = time.perf_counter() - t0
-                        if chunk.get("usage"):
-                            count = chunk["usage"]["completion_tokens"]
-                if count is None:
-                    raise RuntimeError("no usage chunk")
+        connection = StreamingConnection(url)
+        try:
+            while sent < requests and time.perf_counter() - start < seconds:
+                body = {"model": model, "prompt": prompts[sent % len(prompts)], "max_tokens": tokens,
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                sent += 1
+                t0 = time.perf_counter()
+                try:
+                    first, count = await asyncio.wait_for(one(connection, body), max(60.0, seconds))
+                except (OSError, asyncio.TimeoutError, httptools.HttpParserError, RuntimeError, KeyError,
+                        ValueError):
+                    errors += 1
+                    continue
                 made += count
                 ttft.append(first if first is not None else time.perf_counter() - t0)
                 latency.append(time.perf_counter() - t0)
-            except (httpx.HTTPError, RuntimeError, KeyError, ValueError):
-                errors += 1
+        finally:
+            await connection.close()
 
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=max(60.0, seconds), limits=limits) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+    await asyncio.gather(*(client() for _ in range(clients)))
     return {"requests": len(latency), "errors": errors, "seconds": time.perf_counter() - start,
             "tokens": made, "ttft": ttft, "latency": latency}
 

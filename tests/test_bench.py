@@ -205,6 +205,57 @@ def test_a_server_keeps_answering_after_its_log_outgrows_a_pipe(tmp_path, tiny_c
     assert servers["serve.py"][0].returncode is not None
 
 
+def test_streaming_connection_parses_events_across_reads_and_keeps_the_connection():
+    """The load generator's client against a hand-written HTTP/1.1 server: a chunked response whose events end
+    in CRLF pairs and are cut mid-event and mid-chunk between writes comes back as the events' data, in order; the
+    next request goes over the same connection; a 404 raises."""
+    import asyncio
+
+    body = b'data: {"a": 1}\r\n\r\ndata: {"b": "x y"}\r\n\r\ndata: [DONE]\r\n\r\n'
+    cut = [body[:9], body[9:30], body[30:]]
+    connections, requests = [], []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        while not reader.at_eof():
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # the client closed the connection
+                return
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            requests.append(json.loads(await reader.readexactly(length)))
+            if requests[-1].get("missing"):
+                writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
+                await writer.drain()
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for piece in cut:  # a chunk per piece, its size line and data in separate writes
+                writer.write(b"%x\r\n" % len(piece))
+                await writer.drain()
+                await asyncio.sleep(0.01)
+                writer.write(piece + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        connection = bench.StreamingConnection(f"http://127.0.0.1:{port}")
+        first = [e async for e in connection.events("/v1/x", {"n": 1})]
+        second = [e async for e in connection.events("/v1/x", {"n": 2})]
+        with pytest.raises(RuntimeError, match="status 404"):
+            async for _ in connection.events("/v1/x", {"missing": True}):
+                pass
+        await connection.close()
+        server.close()
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert first == second == ['{"a": 1}', '{"b": "x y"}', "[DONE]"]
+    assert requests == [{"n": 1}, {"n": 2}, {"missing": True}] and len(connections) == 1
+
+
 @pytest.mark.slow
 def test_serve_section_against_transformers_serve(tmp_path):
     """The peer side: `transformers serve --continuous-batching` on export.py's folder of the same random
