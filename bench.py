@@ -492,8 +492,8 @@ def stop_servers(servers: dict):
 class StreamingConnection:
     """One keep-alive HTTP/1.1 connection of a load-generating client: POST a JSON body, get the Server-Sent
     Events of the response as they arrive. The client shares the machine's cores with the servers it measures,
-    so it is kept lean: httptools' C parser instead of httpx's pure-Python one, which spent about 7 ms of CPU per
-    53-chunk stream on a 2-core EPYC, a fifth of a core at 32 clients (docs/benchmarks.md)."""
+    so it is kept lean: httptools' C parser instead of httpx's pure-Python one, which spent 8-9 ms of CPU per
+    53-chunk stream on a 2-core EPYC (this: 2-3 ms), a fifth of a core at 32 clients (docs/benchmarks.md)."""
 
     def __init__(self, url: str):
         host_port = url.split("://", 1)[-1].rstrip("/")
@@ -540,8 +540,8 @@ class StreamingConnection:
                 parser.feed_data(received)
                 if response.headers_done and parser.get_status_code() != 200:
                     raise RuntimeError(f"status {parser.get_status_code()}")
-                if response.body:
-                    pending += bytes(response.body).replace(b"\r\n", b"\n")
+                if response.body:  # a CRLF may arrive split between two reads: normalized once whole
+                    pending = (pending + bytes(response.body)).replace(b"\r\n", b"\n")
                     response.body.clear()
                     *ready, pending = pending.split(b"\n\n")
                     for event in ready:

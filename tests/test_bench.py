@@ -207,12 +207,12 @@ def test_a_server_keeps_answering_after_its_log_outgrows_a_pipe(tmp_path, tiny_c
 
 def test_streaming_connection_parses_events_across_reads_and_keeps_the_connection():
     """The load generator's client against a hand-written HTTP/1.1 server: a chunked response whose events end
-    in CRLF pairs and are cut mid-event and mid-chunk between writes comes back as the events' data, in order; the
+    in CRLF pairs and are cut mid-event and inside a CRLF between writes comes back as the events' data, in order; the
     next request goes over the same connection; a 404 raises."""
     import asyncio
 
     body = b'data: {"a": 1}\r\n\r\ndata: {"b": "x y"}\r\n\r\ndata: [DONE]\r\n\r\n'
-    cut = [body[:9], body[9:30], body[30:]]
+    cut = [body[:9], body[9:17], body[17:30], body[30:]]  # mid-event, between a CR and its LF, mid-event
     connections, requests = [], []
 
     async def handle(reader, writer):
