@@ -489,6 +489,25 @@ def stop_servers(servers: dict):
             proc.wait()
 
 
+class _Response:
+    """One HTTP response as httptools parses it (the parser calls these methods): the body received and not yet
+    read, whether the headers and the whole message are in, and whether the connection stays open after it."""
+
+    def __init__(self):
+        import httptools
+        self.parser = httptools.HttpResponseParser(self)
+        self.body, self.headers_done, self.done, self.keep_alive = bytearray(), False, False, False
+
+    def on_headers_complete(self):
+        self.headers_done = True
+
+    def on_body(self, piece: bytes):
+        self.body += piece
+
+    def on_message_complete(self):  # the parser forgets keep-alive once this returns
+        self.done, self.keep_alive = True, self.parser.should_keep_alive()
+
+
 class StreamingConnection:
     """One keep-alive HTTP/1.1 connection of a load-generating client: POST a JSON body, get the Server-Sent
     Events of the response as they arrive. The client shares the machine's cores with the servers it measures,
@@ -510,28 +529,13 @@ class StreamingConnection:
 
     async def events(self, path: str, body: dict):
         """Yield the data of each event of the response (str); a status other than 200 raises RuntimeError."""
-        import httptools
-
-        class Response:  # httptools' callbacks
-            def __init__(self):
-                self.body, self.headers_done, self.done, self.keep_alive = bytearray(), False, False, False
-
-            def on_headers_complete(self):
-                self.headers_done = True
-
-            def on_body(self, piece: bytes):
-                self.body += piece
-
-            def on_message_complete(self):  # the parser forgets keep-alive once this returns
-                self.done, self.keep_alive = True, parser.should_keep_alive()
-
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         data = json.dumps(body).encode()
         self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self.host.encode(), self.port, len(data), data))
-        response = Response()
-        parser, pending = httptools.HttpResponseParser(response), b""
+        response = _Response()
+        parser, pending = response.parser, b""
         try:
             while not response.done:
                 received = await self.reader.read(1 << 16)

@@ -207,13 +207,15 @@ def test_a_server_keeps_answering_after_its_log_outgrows_a_pipe(tmp_path, tiny_c
 
 def test_streaming_connection_parses_events_across_reads_and_keeps_the_connection():
     """The load generator's client against a hand-written HTTP/1.1 server: a chunked response whose events end
-    in CRLF pairs and are cut mid-event and inside a CRLF between writes comes back as the events' data, in order; the
-    next request goes over the same connection; a 404 raises."""
+    in CRLF pairs and are cut mid-event and between a CR and its LF comes back as the events' data, in order, each
+    as soon as it is whole (the server sends nothing more until the client has the first one); the next request
+    goes over the same connection; a 404 raises."""
     import asyncio
 
     body = b'data: {"a": 1}\r\n\r\ndata: {"b": "x y"}\r\n\r\ndata: [DONE]\r\n\r\n'
-    cut = [body[:9], body[9:17], body[17:30], body[30:]]  # mid-event, between a CR and its LF, mid-event
-    connections, requests = [], []
+    # mid-event, between the first event's last CR and its LF, mid-event
+    cut = [body[:9], body[9:17], body[17:18], body[18:30], body[30:]]
+    connections, requests, late = [], [], []
 
     async def handle(reader, writer):
         connections.append(writer)
@@ -229,21 +231,36 @@ def test_streaming_connection_parses_events_across_reads_and_keeps_the_connectio
                 await writer.drain()
                 continue
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-            for piece in cut:  # a chunk per piece, its size line and data in separate writes
+            for i, piece in enumerate(cut):  # a chunk per piece, its size line and data in separate writes
                 writer.write(b"%x\r\n" % len(piece))
                 await writer.drain()
                 await asyncio.sleep(0.01)
                 writer.write(piece + b"\r\n")
                 await writer.drain()
+                if i == 2:  # the first event is whole: the client must have it before anything else comes
+                    try:
+                        await asyncio.wait_for(first_seen.wait(), 2)
+                    except asyncio.TimeoutError:
+                        late.append(requests[-1])
             writer.write(b"0\r\n\r\n")
             await writer.drain()
+
+    first_seen = asyncio.Event()
+
+    async def collect(connection, body):
+        first_seen.clear()
+        events = []
+        async for event in connection.events("/v1/x", body):
+            events.append(event)
+            first_seen.set()
+        return events
 
     async def main():
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         connection = bench.StreamingConnection(f"http://127.0.0.1:{port}")
-        first = [e async for e in connection.events("/v1/x", {"n": 1})]
-        second = [e async for e in connection.events("/v1/x", {"n": 2})]
+        first = await collect(connection, {"n": 1})
+        second = await collect(connection, {"n": 2})
         with pytest.raises(RuntimeError, match="status 404"):
             async for _ in connection.events("/v1/x", {"missing": True}):
                 pass
@@ -253,7 +270,7 @@ def test_streaming_connection_parses_events_across_reads_and_keeps_the_connectio
 
     first, second = asyncio.run(main())
     assert first == second == ['{"a": 1}', '{"b": "x y"}', "[DONE]"]
-    assert requests == [{"n": 1}, {"n": 2}, {"missing": True}] and len(connections) == 1
+    assert requests == [{"n": 1}, {"n": 2}, {"missing": True}] and len(connections) == 1 and late == []
 
 
 @pytest.mark.slow
